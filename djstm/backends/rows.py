@@ -1,0 +1,49 @@
+"""Reading and writing ``djstm_dvar`` rows: the hot paths, in SQL through Django's connection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from django.db import connections, transaction
+from django.utils import timezone
+
+__all__ = ["StoredRow", "load_row", "upsert_rows"]
+
+
+class StoredRow(NamedTuple):
+    type_tag: str
+    value: str
+    version: int
+
+
+_SELECT_ROW = "SELECT type_tag, value, version FROM djstm_dvar WHERE store = %s AND name = %s"
+
+# One statement for creation and update: a write-behind batch never needs to know which rows exist.
+_UPSERT = (
+    "INSERT INTO djstm_dvar (store, name, type_tag, value, version, updated_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s) "
+    "ON CONFLICT (store, name) DO UPDATE SET "
+    "type_tag = excluded.type_tag, value = excluded.value, "
+    "version = excluded.version, updated_at = excluded.updated_at"
+)
+
+
+def load_row(alias: str, store: str, name: str) -> StoredRow | None:
+    """Return the stored row of DVar ``name`` in ``store``, or None."""
+
+    with connections[alias].cursor() as cursor:
+        cursor.execute(_SELECT_ROW, [store, name])
+        row = cursor.fetchone()
+    return None if row is None else StoredRow(*row)
+
+
+def upsert_rows(alias: str, store: str, rows: Iterable[tuple[str, str, str, int]]) -> None:
+    """Write ``(name, type_tag, value, version)`` rows of ``store`` in one database transaction."""
+
+    connection = connections[alias]
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    params = [(store, name, type_tag, value, version, now) for name, type_tag, value, version in rows]
+    with transaction.atomic(using=alias):
+        with connection.cursor() as cursor:
+            cursor.executemany(_UPSERT, params)

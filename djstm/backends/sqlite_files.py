@@ -1,0 +1,59 @@
+"""Telling whether a file can be opened as a djstm store, without changing it."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import urllib.parse
+
+from ..errors import StoreCorrupt
+
+__all__ = ["inspect_store_file"]
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def inspect_store_file(path: str) -> bool:
+    """Return True if ``path`` is a djstm store to reuse, False if it is absent or empty (a new store).
+
+    Raise :class:`StoreCorrupt` naming the path if it is anything else; the
+    file is only ever read here.
+    """
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return False
+    if size == 0:
+        return False
+    with open(path, "rb") as file:
+        header = file.read(len(_SQLITE_MAGIC))
+    if header != _SQLITE_MAGIC:
+        raise StoreCorrupt(
+            f"{path} is not a djstm store: it is not an SQLite database. "
+            "It was left untouched; open the store at another path."
+        )
+    uri = f"file:{urllib.parse.quote(path)}?mode=ro"
+    try:
+        connection = sqlite3.connect(uri, uri=True)
+        try:
+            (verdict,) = connection.execute("PRAGMA quick_check(1)").fetchone()
+            has_table = connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'djstm_dvar'"
+            ).fetchone()
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as error:
+        raise StoreCorrupt(
+            f"{path} is damaged ({error}); it was left untouched. Restore it from a backup, or open the store at another path."
+        ) from None
+    if verdict != "ok":
+        raise StoreCorrupt(
+            f"{path} is damaged (SQLite integrity check: {verdict}); it was left untouched. "
+            "Restore it from a backup, or open the store at another path."
+        )
+    if not has_table:
+        raise StoreCorrupt(
+            f"{path} is an SQLite database but not a djstm store (it has no djstm_dvar table); "
+            "it was left untouched. Open the store at another path."
+        )
+    return True

@@ -1,0 +1,308 @@
+"""``atomically`` and the operations that only make sense inside it.
+
+``atomically(fn)`` runs ``fn`` as one transaction and returns its result. It
+re-runs ``fn`` when a variable it read was changed by a concurrent commit, and
+blocks when ``fn`` calls ``retry()`` until a variable it touched changes.
+Inside a running transaction, ``atomically`` joins it with savepoint
+semantics: an exception escaping the inner call undoes only the inner writes.
+``fn`` should do nothing but transactional reads and writes, since it may run
+several times; side effects belong in ``after_commit`` callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NoReturn, ParamSpec, TypeVar
+
+from ..errors import RetryWithNothingRead, STMError, Timeout
+from ._context import current
+from .transaction import (
+    Transaction,
+    _Conflict,
+    _RetrySignal,
+    callback_order,
+    current_transaction,
+    escalation_gate,
+)
+from .waiting import AsyncWaiter, ThreadWaiter, register, unregister
+
+__all__ = [
+    "atomically",
+    "aatomically",
+    "retry",
+    "check",
+    "or_else",
+    "after_commit",
+    "transactional",
+    "ESCALATE_AFTER_CONFLICTS",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: A transaction that conflicts this many times in a row runs its next attempt escalated (see transaction.py).
+ESCALATE_AFTER_CONFLICTS = 8
+
+_ABANDONED = (False, None)
+
+
+def _describe_watched(watched: dict[Any, int]) -> str:
+    names = [tvar._describe() for tvar in list(watched)[:5]]
+    more = f" and {len(watched) - 5} more" if len(watched) > 5 else ""
+    return ", ".join(names) + more
+
+
+class _Run:
+    """One call of ``atomically``: the function, its deadline, and how often it conflicted."""
+
+    __slots__ = ("fn", "args", "kwargs", "timeout", "deadline", "durable", "conflicts", "abandoned")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout: float | None, durable: bool) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.durable = durable
+        self.conflicts = 0
+        self.abandoned = False  # set by a cancelled aatomically: do not commit
+
+    def remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def timed_out(self, watched: dict[Any, int] | None = None) -> Timeout:
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
+        where = f" while blocked in retry on {_describe_watched(watched)}" if watched else ""
+        return Timeout(
+            f"atomically({name}) did not finish within {self.timeout}s{where}; "
+            "nothing it wrote was committed. Raise the timeout, or check that some "
+            "other transaction will make the awaited change."
+        )
+
+    def attempt(self, make_waiter: Callable[[], Any]) -> tuple[bool, Any]:
+        """Run ``fn`` until it commits or blocks.
+
+        Returns ``(True, result)`` once committed (durability waits and
+        callbacks done), ``(False, (waiter, watched))`` when blocked in retry
+        with ``waiter`` registered, or ``_ABANDONED`` if ``abandoned`` was set.
+        """
+        while True:
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                raise self.timed_out()
+            escalated = self.conflicts >= ESCALATE_AFTER_CONFLICTS
+            if escalated and not escalation_gate.acquire(timeout=-1 if self.deadline is None else self.remaining()):
+                raise self.timed_out()
+            try:
+                tx = Transaction(escalated)
+                current.tx = tx
+                try:
+                    result = self.fn(*self.args, **self.kwargs)
+                    if self.abandoned:
+                        return _ABANDONED
+                    receipts = tx.commit()
+                except _Conflict:
+                    self.conflicts += 1
+                    continue
+                except _RetrySignal:
+                    pass
+                else:
+                    return True, _after_commit(tx, receipts, self.durable, result)
+                finally:
+                    current.tx = None
+            finally:
+                if escalated:
+                    escalation_gate.release()
+            self.conflicts = 0
+            watched = tx.watched()
+            if not watched:
+                name = getattr(self.fn, "__qualname__", repr(self.fn))
+                raise RetryWithNothingRead(
+                    f"retry() was called in atomically({name}) before the transaction read any variable, "
+                    "so no commit could ever wake it; read the variables your condition depends on first"
+                )
+            waiter = make_waiter()
+            if register(waiter, watched):
+                return False, (waiter, watched)
+            # A watched variable changed before we could register: run again at once.
+
+
+def _after_commit(tx: Transaction, receipts: list, durable: bool, result: Any) -> Any:
+    try:
+        if durable or tx.durable:
+            for store, receipt in receipts:
+                store.wait_durable(receipt)
+    finally:
+        if tx.callbacks:
+            callback_order.run(tx.callback_ticket, tx.callbacks)
+    return result
+
+
+def _join(tx: Transaction, fn: Callable[..., R], args: tuple, kwargs: dict, durable: bool = False) -> R:
+    mark = tx.savepoint()
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException:
+        tx.rollback_to(mark)
+        raise
+    tx.release(mark)
+    if durable:
+        tx.durable = True
+    return result
+
+
+def _run_blocking(run: _Run) -> Any:
+    while True:
+        committed, payload = run.attempt(ThreadWaiter)
+        if committed:
+            return payload
+        waiter, watched = payload
+        try:
+            woken = waiter.wait(run.remaining())
+        finally:
+            unregister(waiter, watched)
+        if not woken:
+            raise run.timed_out(watched)
+
+
+def atomically(
+    fn: Callable[P, R], *args: Any, timeout: float | None = None, durable: bool = False, **kwargs: Any
+) -> R:
+    """Run ``fn(*args, **kwargs)`` as one transaction and return its result.
+
+    ``timeout`` (seconds) bounds the whole call, blocking in ``retry``
+    included, and raises :class:`~djstm.Timeout` with nothing committed.
+    ``durable=True`` returns only once every store written to has the commit
+    on disk. Inside a transaction this joins it (a savepoint), and ``timeout``
+    applies to the outermost call only.
+    """
+    tx = current.tx
+    if tx is not None:
+        return _join(tx, fn, args, kwargs, durable)
+    return _run_blocking(_Run(fn, args, kwargs, timeout, durable))
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _attempt_executor() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="djstm-aatomically")
+        return _executor
+
+
+async def _outcome_despite_cancellation(job: asyncio.Future) -> tuple[bool, Any] | None:
+    # The attempt cannot be interrupted in its thread; wait for it so it leaves no registration behind.
+    while not job.done():
+        try:
+            await asyncio.wait([job])
+        except asyncio.CancelledError:
+            continue
+    return None if job.cancelled() or job.exception() is not None else job.result()
+
+
+async def aatomically(
+    fn: Callable[P, R], *args: Any, timeout: float | None = None, durable: bool = False, **kwargs: Any
+) -> R:
+    """Async twin of :func:`atomically`: never blocks the event loop.
+
+    Attempts run in a worker thread; blocking in ``retry`` awaits a wake-up
+    without holding a thread. If the task is cancelled, the transaction does
+    not commit, unless its commit had already begun, and no registration is
+    left behind. ``after_commit`` callbacks run in the worker thread.
+    """
+    if current.tx is not None:
+        raise STMError("aatomically() was awaited inside a transaction; call atomically() there to join it")
+    loop = asyncio.get_running_loop()
+    run = _Run(fn, args, kwargs, timeout, durable)
+    executor = _attempt_executor()
+    while True:
+        waiter = AsyncWaiter(loop)
+        job = loop.run_in_executor(executor, run.attempt, lambda: waiter)
+        try:
+            committed, payload = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            run.abandoned = True
+            outcome = await _outcome_despite_cancellation(job)
+            if outcome is not None and outcome is not _ABANDONED and not outcome[0]:
+                unregister(*outcome[1])
+            raise
+        if committed:
+            return payload
+        waiter, watched = payload
+        try:
+            if run.deadline is None:
+                await waiter.future
+            else:
+                await asyncio.wait_for(waiter.future, run.remaining())
+        except TimeoutError:
+            raise run.timed_out(watched) from None
+        finally:
+            unregister(waiter, watched)
+
+
+def retry() -> NoReturn:
+    """Abandon this attempt and block until a variable it read changes, then run again."""
+    current_transaction("retry")
+    raise _RetrySignal
+
+
+def check(condition: object) -> None:
+    """``retry()`` unless ``condition`` is true."""
+    if not condition:
+        retry()
+
+
+def or_else(*alternatives: Callable[[], R]) -> R:
+    """Return the result of the first alternative that does not retry.
+
+    An alternative that retries has its writes (and ``after_commit``
+    callbacks) rolled back; its reads still count, so if every alternative
+    retries the transaction waits on all they read. An exception escaping an
+    alternative also rolls back its writes, then propagates.
+    """
+    tx = current_transaction("or_else")
+    for alternative in alternatives:
+        mark = tx.savepoint()
+        try:
+            result = alternative()
+        except _RetrySignal:
+            tx.rollback_to(mark)
+            continue
+        except BaseException:
+            tx.rollback_to(mark)
+            raise
+        tx.release(mark)
+        return result
+    raise _RetrySignal
+
+
+def after_commit(callback: Callable[[], object]) -> None:
+    """Run ``callback()`` once after this transaction commits; never if it aborts or retries.
+
+    Callbacks run in commit order; an error is raised from ``atomically``
+    after all callbacks ran (the commit itself stands).
+    """
+    current_transaction("after_commit").add_callback(callback)
+
+
+def transactional(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorate ``fn`` so that each call runs atomically, or joins the caller's transaction."""
+
+    @functools.wraps(fn)
+    def run_atomically(*args: P.args, **kwargs: P.kwargs) -> R:
+        tx = current.tx
+        if tx is not None:
+            return _join(tx, fn, args, kwargs)
+        return _run_blocking(_Run(fn, args, kwargs, None, False))
+
+    return run_atomically

@@ -1,0 +1,221 @@
+"""The transaction log and its commit (TL2 with a global version clock).
+
+How a commit works, and why each step is where it is:
+
+1. A transaction remembers the clock value when it started (``read_version``).
+   Every read checks that the variable's version is not newer; if it is, the
+   read set is revalidated under the commit lock and ``read_version`` moves
+   forward (extension), or the transaction aborts with ``_Conflict``. So user
+   code never sees two variables from different snapshots (opacity).
+2. A read-only transaction commits without taking any lock: every read was
+   consistent at ``read_version``, which is its serialization point.
+3. A writing transaction takes the global commit lock, revalidates its read
+   set, asks every store it wrote to whether it can accept the commit, then
+   installs the new states, hands the writes to their stores, and only *then*
+   publishes the new clock value. Publishing last means that a transaction
+   starting meanwhile sees the new states as "too new" and extends (which
+   waits for the lock) instead of mixing old and new values.
+
+Escalation: a transaction that keeps conflicting takes the *gate* before its
+next attempt. While the gate is held other transactions wait at their commit,
+so the escalated one runs against a quiet world and finishes (no starvation).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..errors import NoTransaction
+from ._callbacks import CallbackOrder
+from ._context import current
+
+__all__ = ["Transaction"]
+
+_MISSING: Any = object()
+
+# The global commit lock orders commits, extensions and waiter (un)registration.
+commit_lock = threading.Lock()
+# The global clock: version of the last commit. A one-element list, mutated under commit_lock.
+clock = [0]
+# Held by an escalated transaction for its whole attempt; others wait before committing.
+escalation_gate = threading.Lock()
+# Tickets taken under commit_lock make after_commit callbacks run in commit order.
+callback_order = CallbackOrder()
+
+
+class _Conflict(BaseException):
+    """Internal: the transaction read a stale variable and must run again.
+
+    A BaseException so that ``except Exception`` in user code cannot swallow it.
+    """
+
+
+class _RetrySignal(BaseException):
+    """Internal: ``retry()`` was called; abort and block until something read changes."""
+
+
+class Transaction:
+    """One attempt of an ``atomically`` block: what it read, what it wrote, what to run after."""
+
+    __slots__ = (
+        "read_version",
+        "reads",
+        "writes",
+        "blind_writes",
+        "_undo",
+        "_depth",
+        "callbacks",
+        "durable",
+        "escalated",
+        "callback_ticket",
+    )
+
+    def __init__(self, escalated: bool = False) -> None:
+        self.read_version = clock[0]
+        self.reads: dict[Any, int] = {}  # variable -> version seen
+        self.writes: dict[Any, Any] = {}  # variable -> value to install
+        # Variables written before being read, with the version they had then: retry waits on them too.
+        self.blind_writes: dict[Any, int] | None = None
+        # Undo log, only while a savepoint (nested atomically, or_else branch) is open.
+        self._undo: list[tuple[Any, Any]] | None = None
+        self._depth = 0
+        self.callbacks: list[Any] | None = None
+        self.durable = False
+        self.escalated = escalated
+        self.callback_ticket = -1
+
+    # -- reading and writing -------------------------------------------------
+
+    def read(self, tvar: Any) -> Any:
+        writes = self.writes
+        if writes:
+            value = writes.get(tvar, _MISSING)
+            if value is not _MISSING:
+                return value
+        version, value = tvar._state
+        if version > self.read_version:
+            version, value = self._extend(tvar)
+        self.reads[tvar] = version
+        return value
+
+    def _extend(self, tvar: Any) -> tuple[int, Any]:
+        # Under the lock no commit is half-installed, so "unchanged" really means unchanged.
+        with commit_lock:
+            for seen, version in self.reads.items():
+                if seen._state[0] != version:
+                    raise _Conflict
+            self.read_version = clock[0]
+            return tvar._state
+
+    def write(self, tvar: Any, value: Any) -> None:
+        writes = self.writes
+        if tvar not in writes and tvar not in self.reads:
+            if self.blind_writes is None:
+                self.blind_writes = {}
+            self.blind_writes[tvar] = tvar._state[0]
+        if self._undo is not None:
+            self._undo.append((tvar, writes.get(tvar, _MISSING)))
+        writes[tvar] = value
+
+    def add_callback(self, callback: Any) -> None:
+        if self.callbacks is None:
+            self.callbacks = []
+        self.callbacks.append(callback)
+
+    # -- savepoints (nested atomically, or_else branches) ---------------------
+
+    def savepoint(self) -> tuple[int, int]:
+        if self._undo is None:
+            self._undo = []
+        self._depth += 1
+        return len(self._undo), len(self.callbacks) if self.callbacks else 0
+
+    def rollback_to(self, mark: tuple[int, int]) -> None:
+        """Undo the writes and callbacks made since ``mark``; reads stay (retry waits on them)."""
+        undo_length, callback_count = mark
+        undo = self._undo
+        writes = self.writes
+        while len(undo) > undo_length:
+            tvar, previous = undo.pop()
+            if previous is _MISSING:
+                del writes[tvar]
+            else:
+                writes[tvar] = previous
+        if self.callbacks:
+            del self.callbacks[callback_count:]
+        self._close_savepoint()
+
+    def release(self, mark: tuple[int, int]) -> None:
+        self._close_savepoint()
+
+    def _close_savepoint(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._undo = None
+
+    # -- commit ---------------------------------------------------------------
+
+    def watched(self) -> dict[Any, int]:
+        """Every variable this transaction touched, with the version it saw: what retry waits on."""
+        if not self.blind_writes:
+            return self.reads
+        return {**self.blind_writes, **self.reads}
+
+    def commit(self) -> list[tuple[Any, Any]]:
+        """Install the writes atomically; raise ``_Conflict`` if a read went stale.
+
+        Returns ``(store, receipt)`` pairs for the stores that took writes, and the
+        waiters to wake are woken before returning.
+        """
+        writes = self.writes
+        if not writes:
+            if self.callbacks:
+                with commit_lock:
+                    self.callback_ticket = callback_order.take_ticket()
+            return []
+        if escalation_gate.locked() and not self.escalated:
+            # An escalated transaction is running; let it finish first.
+            with escalation_gate:
+                pass
+        with commit_lock:
+            for tvar, version in self.reads.items():
+                if tvar._state[0] != version:
+                    raise _Conflict
+            by_store: dict[Any, list[tuple[Any, Any]]] | None = None
+            for tvar, value in writes.items():
+                store = tvar._store
+                if store is not None:
+                    if by_store is None:
+                        by_store = {}
+                    by_store.setdefault(store, []).append((tvar, value))
+            if by_store is not None:
+                for store in by_store:
+                    store.prepare_commit()  # may refuse (e.g. closed store) before anything changes
+            new_version = clock[0] + 1
+            woken: dict[Any, None] | None = None
+            for tvar, value in writes.items():
+                tvar._state = (new_version, value)
+                if tvar._waiters:
+                    if woken is None:
+                        woken = {}
+                    woken.update(tvar._waiters)
+            receipts = []
+            if by_store is not None:
+                for store, entries in by_store.items():
+                    receipts.append((store, store.accept_commit(entries)))
+            if self.callbacks:
+                self.callback_ticket = callback_order.take_ticket()
+            clock[0] = new_version  # the linearization point: from here on others see this commit
+        if woken:
+            for waiter in woken:
+                waiter.wake()
+        return receipts
+
+
+def current_transaction(operation: str) -> Transaction:
+    """Return the running transaction or raise ``NoTransaction`` naming ``operation``."""
+    tx = current.tx
+    if tx is None:
+        raise NoTransaction(f"djstm.{operation}() was called outside a transaction; call it inside djstm.atomically(...)")
+    return tx

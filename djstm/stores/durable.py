@@ -1,0 +1,190 @@
+"""The durable store: DVars live in memory and are written behind to a database.
+
+A commit touching only durable stores runs at in-memory speed; the store's
+writer persists committed transactions in commit order. Only one process may
+have a durable store open (``StoreLocked`` for a second). Within the process,
+``dvar(name)`` returns the same live object for the same name for as long as
+the store is open, so a commit through one reference wakes transactions
+blocked on another.
+
+A DVar's life here: *absent* (no row) → created with its default (a row is
+queued at once, so its type tag is recorded) → *clean* or *dirty* (committed
+in memory, row not yet flushed) → *flushed*. Closing the store flushes and
+turns every DVar *closed*: reading still works, writing raises ``StoreClosed``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from django.db import connections
+
+from ..backends.rows import load_row, upsert_rows
+from ..codecs import Codec, codec_for, codec_from_tag
+from ..errors import DVarDecodeError, DVarTypeError, StoreClosed
+from ..names import Name, canonical_name
+from ..stm.transaction import commit_lock
+from .dvar import DVar
+from .write_behind import Row, WriteBehind
+
+__all__ = ["DurableStore", "MISSING"]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<no default>"
+
+
+MISSING: Any = _Missing()
+
+
+class DurableStore:
+    """A named set of DVars in one database, open in this process only."""
+
+    mode = "durable"
+
+    def __init__(self, *, alias: str, name: str, where: str, on_close: Callable[[DurableStore], None]) -> None:
+        self.alias = alias
+        self.name = name
+        self.where = where  # the database, for messages
+        self.closed = False
+        self.users = 1  # open with_store calls sharing this store; the last one out closes it
+        self._on_close = on_close
+        self._dvars: dict[str, DVar[Any]] = {}
+        self._opening = threading.Lock()
+        self._writer = WriteBehind(self._write_rows, self._close_thread_connection, f"store {name!r} in {where}")
+
+    # -- DVars ---------------------------------------------------------------
+
+    def dvar(self, name: Name, default: Any = MISSING, *, type: Any = None) -> DVar[Any]:
+        """Return the DVar ``name``, creating it with ``default`` if the store does not have it.
+
+        ``type`` is needed when the default does not tell it (``list[str]``,
+        ``int | None``…). Raises ``DVarTypeError`` if the store recorded
+        another type for this name, ``InvalidName`` for a bad name.
+        """
+        key = canonical_name(name)
+        existing = self._dvars.get(key)
+        if existing is not None:
+            self._check_same_type(existing, type, default)
+            return existing
+        self._check_open()
+        with self._opening:
+            existing = self._dvars.get(key)
+            if existing is not None:
+                self._check_same_type(existing, type, default)
+                return existing
+            dvar = self._load_or_create(name, key, default, type)
+            self._dvars[key] = dvar
+            return dvar
+
+    def _codec_for(self, name: Name, type: Any, default: Any) -> Codec:
+        try:
+            if default is MISSING:
+                return codec_for(type)
+            return codec_for(type, default)
+        except DVarTypeError as error:
+            raise DVarTypeError(f"DVar {name!r} of store {self.name!r}: {error}") from None
+
+    def _check_same_type(self, dvar: DVar[Any], type: Any, default: Any) -> None:
+        if type is None and default is MISSING:
+            return
+        wanted = self._codec_for(dvar.name, type, default)
+        if wanted.tag != dvar.codec.tag:
+            raise self._type_mismatch(dvar.name, dvar.codec.tag, wanted.tag)
+
+    def _type_mismatch(self, name: Name, stored: str, wanted: str) -> DVarTypeError:
+        return DVarTypeError(
+            f"DVar {name!r} of store {self.name!r} has type {stored}, but was opened as {wanted}; "
+            f"open it with type={stored}, or use another name for the new type"
+        )
+
+    def _load_or_create(self, name: Name, key: str, default: Any, type: Any) -> DVar[Any]:
+        row = load_row(self.alias, self.name, key)
+        if row is None:
+            if default is MISSING:
+                raise KeyError(
+                    f"DVar {name!r} is not in store {self.name!r} ({self.where}); pass a default to create it"
+                )
+            codec = self._codec_for(name, type, default)
+            dvar = DVar(self, name, key, codec, None, "", 0)
+            value, text = dvar.encode(default)
+            dvar._state = (0, (value, text))
+            self._writer.enqueue([(key, codec.tag, text, 0)])
+            return dvar
+        if type is None and default is MISSING:
+            codec = codec_from_tag(row.type_tag)
+            if codec is None:
+                raise DVarTypeError(
+                    f"DVar {name!r} of store {self.name!r} has type {row.type_tag}, which this process has not "
+                    "used yet; pass type= (the class) when opening it"
+                )
+        else:
+            codec = self._codec_for(name, type, default)
+            if codec.tag != row.type_tag:
+                raise self._type_mismatch(name, row.type_tag, codec.tag)
+        try:
+            value = codec.loads(row.value)
+        except DVarDecodeError as error:
+            raise DVarDecodeError(
+                f"DVar {name!r} of store {self.name!r} ({self.where}) does not decode as {codec.tag}: {error}"
+            ) from None
+        return DVar(self, name, key, codec, value, row.value, row.version)
+
+    # -- the engine's store protocol (called by Transaction.commit under the commit lock) --
+
+    def prepare_commit(self) -> None:
+        self._check_open()
+
+    def accept_commit(self, entries: list[tuple[DVar[Any], tuple[Any, str]]]) -> int:
+        rows: list[Row] = []
+        for dvar, (_value, text) in entries:
+            dvar.row_version += 1
+            rows.append((dvar.key, dvar.codec.tag, text, dvar.row_version))
+        return self._writer.enqueue(rows)
+
+    def wait_durable(self, receipt: int) -> None:
+        self._writer.wait_flushed(receipt)
+
+    # -- durability and life cycle --------------------------------------------
+
+    def sync(self) -> None:
+        """Return once everything committed to this store so far is on disk."""
+        self._writer.wait_flushed()
+
+    def release(self) -> None:
+        """End one ``with_store`` use; the last use to end closes the store."""
+        self.users -= 1
+        if self.users <= 0:
+            self.close()
+
+    def close(self) -> None:
+        """Flush and close now; later writes to this store's DVars raise ``StoreClosed``."""
+        if self.closed:
+            return
+        with commit_lock:  # no commit may slip in between the last flush and the close
+            self.closed = True
+        self._writer.stop()
+        self._on_close(self)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise StoreClosed(f"store {self.name!r} in {self.where} is closed; open it again with djstm.with_store")
+
+    def _write_rows(self, rows: Any) -> None:
+        upsert_rows(self.alias, self.name, rows)
+
+    def _close_thread_connection(self) -> None:
+        connections[self.alias].close()
+
+    def __enter__(self) -> DurableStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self._dvars)} DVars loaded"
+        return f"<DurableStore {self.name!r} in {self.where}, {state}>"

@@ -1,0 +1,58 @@
+"""Settings for the test suite: a Django project that uses djstm as its users would."""
+
+import os
+import tempfile
+
+SECRET_KEY = "djstm-tests-not-secret"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+ROOT_URLCONF = "tests.urls"
+ALLOWED_HOSTS = ["*"]
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "djstm",
+]
+
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+_scratch = tempfile.mkdtemp(prefix="djstm-tests-")
+
+DATABASES = {
+    "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": os.path.join(_scratch, "default.sqlite3")},
+    # A second SQLite database that durable stores open by alias (database="stores").
+    "stores": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.path.join(_scratch, "stores.sqlite3"),
+        "TEST": {"NAME": os.path.join(_scratch, "test-stores.sqlite3")},
+    },
+}
+
+STATIC_URL = "/static/"
