@@ -22,8 +22,8 @@ __all__ = ["ensure_django", "alias_for_sqlite_file", "describe_database", "vendo
 
 _setup_lock = threading.Lock()
 
-# Write-ahead logging lets readers load DVars while the writer flushes; FULL makes each flush survive power loss.
-_STORE_FILE_PRAGMAS = "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL"
+# FULL makes each flush survive power loss, not only a crash of the process.
+_STORE_FILE_PRAGMAS = "PRAGMA synchronous=FULL"
 
 
 def ensure_django() -> None:
@@ -93,6 +93,10 @@ def ensure_schema(alias: str, *, create: bool) -> None:
     from django.db.migrations.executor import MigrationExecutor  # needs the app registry ready
 
     connection = connections[alias]
+    if create:
+        # Write-ahead logging lets readers load DVars while the writer flushes; the mode is kept in the file.
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode=WAL")
     if "djstm_dvar" in connection.introspection.table_names():
         return
     if not create:

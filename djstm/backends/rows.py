@@ -8,7 +8,7 @@ from typing import NamedTuple
 from django.db import connections, transaction
 from django.utils import timezone
 
-__all__ = ["StoredRow", "load_row", "upsert_rows"]
+__all__ = ["StoredRow", "load_row", "upsert_rows", "fold_log_into_file"]
 
 
 class StoredRow(NamedTuple):
@@ -47,3 +47,11 @@ def upsert_rows(alias: str, store: str, rows: Iterable[tuple[str, str, str, int]
     with transaction.atomic(using=alias):
         with connection.cursor() as cursor:
             cursor.executemany(_UPSERT, params)
+
+
+def fold_log_into_file(alias: str) -> None:
+    """On SQLite, move the write-ahead log into the database file, so the file alone holds every flush."""
+    connection = connections[alias]
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -106,6 +106,6 @@ def with_store(
             lease.release()
             _forget(store)
 
-        store = DurableStore(alias=alias, name=name, where=where, on_close=closed)
+        store = DurableStore(alias=alias, name=name, where=where, owns_database=create, on_close=closed)
         _open_stores[(alias, name)] = store
         return store

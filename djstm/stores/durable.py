@@ -21,7 +21,7 @@ from typing import Any
 
 from django.db import connections
 
-from ..backends.rows import load_row, upsert_rows
+from ..backends.rows import fold_log_into_file, load_row, upsert_rows
 from ..codecs import Codec, codec_for, codec_from_tag
 from ..errors import DVarDecodeError, DVarTypeError, StoreClosed
 from ..names import Name, canonical_name
@@ -45,8 +45,11 @@ class DurableStore:
 
     mode = "durable"
 
-    def __init__(self, *, alias: str, name: str, where: str, on_close: Callable[[DurableStore], None]) -> None:
+    def __init__(
+        self, *, alias: str, name: str, where: str, owns_database: bool, on_close: Callable[[DurableStore], None]
+    ) -> None:
         self.alias = alias
+        self._owns_database = owns_database  # a store file djstm opened, not a database of the project
         self.name = name
         self.where = where  # the database, for messages
         self.closed = False
@@ -54,7 +57,7 @@ class DurableStore:
         self._on_close = on_close
         self._dvars: dict[str, DVar[Any]] = {}
         self._opening = threading.Lock()
-        self._writer = WriteBehind(self._write_rows, self._close_thread_connection, f"store {name!r} in {where}")
+        self._writer = WriteBehind(self._write_rows, self._writer_exits, f"store {name!r} in {where}")
 
     # -- DVars ---------------------------------------------------------------
 
@@ -167,6 +170,8 @@ class DurableStore:
         with commit_lock:  # no commit may slip in between the last flush and the close
             self.closed = True
         self._writer.stop()
+        if self._owns_database:
+            connections[self.alias].close()  # this thread's connection to the file, if it loaded DVars
         self._on_close(self)
 
     def _check_open(self) -> None:
@@ -176,8 +181,11 @@ class DurableStore:
     def _write_rows(self, rows: Any) -> None:
         upsert_rows(self.alias, self.name, rows)
 
-    def _close_thread_connection(self) -> None:
-        connections[self.alias].close()
+    def _writer_exits(self) -> None:
+        try:
+            fold_log_into_file(self.alias)
+        finally:
+            connections[self.alias].close()
 
     def __enter__(self) -> DurableStore:
         return self
