@@ -55,6 +55,7 @@ import dataclasses
 import enum
 import functools
 import json
+import math
 import operator
 import re
 import reprlib
@@ -86,11 +87,35 @@ _SUPPORTED = (
     "list[T], tuple[T, ...], tuple[A, B], dict[K, V], set[T], frozenset[T], X | None, typing.Any"
 )
 
-_encode_json = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False
-).encode
 _encode_str = json.encoder.encode_basestring  # the C version: the str codec's whole dumps
 _scan_str = json.decoder.scanstring
+
+
+def _json_encoder() -> typing.Callable[[typing.Any], str]:
+    slow = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"),
+                            check_circular=False).encode
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return slow
+
+    def refuse(o: typing.Any) -> typing.NoReturn:
+        raise TypeError(f"{type(o).__name__} is not JSON")
+
+    # JSONEncoder.encode builds a new C encoder per call, which costs more than encoding a short
+    # list; one built here is reused (it holds no state). Checked against the slow path once.
+    chunks = make(None, refuse, _encode_str, None, ":", ",", False, False, False)
+
+    def encode(obj: typing.Any) -> str:
+        return "".join(chunks(obj, 0))
+
+    sample = [1, -2.5e-07, "é\n\"", {"a": None, "b": True}, (), 10**30]
+    try:
+        return encode if encode(sample) == slow(sample) else slow
+    except Exception:
+        return slow
+
+
+_encode_json = _json_encoder()
 
 
 def _reject_constant(name: str) -> typing.NoReturn:
@@ -179,6 +204,24 @@ def _map_items(fn: typing.Callable, items: typing.Iterable, label: str | None = 
             except _Bad as e:
                 raise e.at(label or f"item [{i}]") from None
         raise first
+
+
+# Whether a sequence of items is already JSON of one scalar type, checked at C speed, so a
+# list[int] etc. goes to the JSON encoder as is instead of item by item through _enc.
+def _native_ints(items: typing.Sequence) -> bool:
+    return set(map(type, items)) <= {int} and (not items or (-_BIG < min(items) and max(items) < _BIG))
+
+
+def _native_strs(items: typing.Sequence) -> bool:
+    return set(map(type, items)) <= {str} and all(map(str.isascii, items))  # ASCII: no surrogates
+
+
+def _native_floats(items: typing.Sequence) -> bool:
+    return set(map(type, items)) <= {float} and all(map(math.isfinite, items))
+
+
+def _native_bools(items: typing.Sequence) -> bool:
+    return set(map(type, items)) <= {bool}
 
 
 def _ordered(s: set | frozenset) -> list:
@@ -282,7 +325,10 @@ def _dec_float(o: typing.Any) -> float:
     if type(o) is float:
         return o
     if type(o) is int:  # JSON writers elsewhere may drop the ".0"
-        return float(o)
+        try:
+            return float(o)
+        except OverflowError:
+            pass
     if type(o) is str and o in _FLOAT_SPECIAL:
         return _FLOAT_SPECIAL[o]
     raise _not_json(o, "float")
@@ -465,6 +511,7 @@ class Codec:
     __slots__ = ("tag", "mutable")
     tag: str
     mutable: bool
+    _native: typing.Callable[[typing.Sequence], bool] | None = None
 
     def __init__(self, tag: str, mutable: bool, **extra: typing.Any) -> None:
         object.__setattr__(self, "tag", tag)
@@ -539,6 +586,7 @@ class _NoneCodec(Codec):
 
 class _BoolCodec(Codec):
     __slots__ = ()
+    _native = staticmethod(_native_bools)
 
     def dumps(self, value: typing.Any) -> str:
         if value is True:
@@ -567,6 +615,7 @@ class _BoolCodec(Codec):
 
 class _IntCodec(Codec):
     __slots__ = ()
+    _native = staticmethod(_native_ints)
 
     def dumps(self, value: typing.Any) -> str:
         if type(value) is int and -_BIG < value < _BIG:
@@ -589,6 +638,7 @@ class _IntCodec(Codec):
 
 class _FloatCodec(Codec):
     __slots__ = ()
+    _native = staticmethod(_native_floats)
 
     def dumps(self, value: typing.Any) -> str:
         if type(value) is float:
@@ -615,6 +665,7 @@ class _FloatCodec(Codec):
 
 class _StrCodec(Codec):
     __slots__ = ()
+    _native = staticmethod(_native_strs)
 
     def dumps(self, value: typing.Any) -> str:
         if type(value) is str and (value.isascii() or _utf8_ok(value)):
@@ -670,17 +721,21 @@ class _SeqCodec(Codec):
 
     __slots__ = ("_kind", "_item")
 
-    def _enc(self, v: typing.Any) -> list:
+    def _enc(self, v: typing.Any) -> typing.Any:
         if type(v) is not self._kind:
             raise _mismatch(v, self.tag)
-        if self._kind is set or self._kind is frozenset:
-            return _map_items(self._item._enc, _ordered(v), "an element")
-        return _map_items(self._item._enc, v)
+        unordered = self._kind is set or self._kind is frozenset
+        items = _ordered(v) if unordered else v
+        native = self._item._native
+        if native is not None and native(items):
+            return items  # the encoder only reads it
+        return _map_items(self._item._enc, items, "an element" if unordered else None)
 
     def _dec(self, o: typing.Any) -> typing.Any:
         if type(o) is not list:
             raise _not_json(o, self.tag)
-        items = _map_items(self._item._dec, o)
+        native = self._item._native
+        items = o if native is not None and native(o) else _map_items(self._item._dec, o)
         if self._kind is list:
             return items
         try:

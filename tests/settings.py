@@ -18,7 +18,9 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "channels",
     "djstm",
+    "demo_site.board",
 ]
 
 MIDDLEWARE = [
@@ -56,3 +58,5 @@ DATABASES = {
 }
 
 STATIC_URL = "/static/"
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+BOARD_STORE_PATH = os.path.join(_scratch, "board.sqlite3")

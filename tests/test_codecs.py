@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import math
 import os
 import subprocess
@@ -384,7 +385,10 @@ def test_bool_is_not_an_int_and_int_is_not_a_float():
     assert "is bool True, expected int" in refusal(codec_for(int), True)
     message = refusal(codec_for(float), 3)
     assert "is int 3, expected float" in message and "3.0" in message
-    assert "expected float" in refusal(codec_for(list[float]), [1.0, 2])
+    assert "item [1] is int 2, expected float" in refusal(codec_for(list[float]), [1.0, 2])
+    assert "item [1] is bool True, expected int" in refusal(codec_for(list[int]), [1, True])
+    assert "an element is bool False, expected int" in refusal(codec_for(set[int]), {2, False})
+    assert "item [0] is float 1.0, expected bool" in refusal(codec_for(tuple[bool, ...]), (1.0,))
 
 
 def test_subclasses_of_builtins_are_refused_not_coerced():
@@ -502,13 +506,40 @@ def test_type_is_inferred_from_the_default():
         (Point, '{"x":1}'), (Point, '{"x":1,"y":2,"z":3}'), (Point, '{"x":1,"y":"2"}'),
         (int | str, "1"), (int | None, '"a"'), (typing.Any, '{"$nope":1}'), (typing.Any, '{"$tuple":1}'),
         (typing.Any, '{"$set":[[1]]}'), (typing.Any, '{"$x":1,"y":2}'), (typing.Any, "NaN"),
-        (typing.Any, '{"$int":"12"}'), (float, '"nan!"'),
+        (typing.Any, '{"$int":"12"}'), (float, '"nan!"'), (list[float], "[1" + "0" * 400 + "]"),
     ],
 )
 def test_text_that_does_not_decode_raises_decode_error_naming_the_type(type_, text):
     codec = codec_for(type_)
     with pytest.raises(DVarDecodeError, match=f"expected {codec.tag}".replace("[", r"\[").replace("|", r"\|")):
         codec.loads(text)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+    | st.sampled_from(["nan", "0x1f", "-0x", "2020-01-01T00:00:00+01:00[Europe/Paris]", "RED", "aGk="]),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=3) | st.sampled_from(["$tuple", "$set", "$dict", "$int", "$float",
+                                                               "$bytes", "$datetime", "$timedelta", "x", "y"]),
+                      inner, max_size=2),
+    max_leaves=10,
+)
+FUZZED_TYPES = [int, float, str, bool, bytes, Decimal, datetime, time, timedelta, uuid.UUID, Color, Perm, Point,
+                Node, typing.Any, list[int], set[float], dict[str, int], dict[int, str], tuple[int, str],
+                int | None, int | str, frozenset[tuple[int, ...]]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_any_json_text_decodes_or_raises_decode_error(obj):
+    text = json.dumps(obj)
+    for type_ in FUZZED_TYPES:
+        codec = codec_for(type_)
+        try:
+            value = codec.loads(text)
+        except DVarDecodeError:
+            continue
+        round_trip(codec, value)  # whatever decodes is a valid value of the type
 
 
 def test_decode_error_says_where():

@@ -8,7 +8,7 @@ from typing import NamedTuple
 from django.db import connections, transaction
 from django.utils import timezone
 
-__all__ = ["StoredRow", "load_row", "upsert_rows", "fold_log_into_file"]
+__all__ = ["StoredRow", "load_row", "upsert_rows", "fold_log_into_file", "commits_independently"]
 
 
 class StoredRow(NamedTuple):
@@ -36,6 +36,14 @@ def load_row(alias: str, store: str, name: str) -> StoredRow | None:
         cursor.execute(_SELECT_ROW, [store, name])
         row = cursor.fetchone()
     return None if row is None else StoredRow(*row)
+
+
+def commits_independently(alias: str) -> bool:
+    """True if a transaction on ``alias`` opened now, in this thread, commits on its own.
+
+    False inside the caller's ``transaction.atomic()``: a write there would only be a savepoint.
+    """
+    return not connections[alias].in_atomic_block
 
 
 def upsert_rows(alias: str, store: str, rows: Iterable[tuple[str, str, str, int]]) -> None:

@@ -62,14 +62,25 @@ class _Run:
 
     __slots__ = ("fn", "args", "kwargs", "timeout", "deadline", "durable", "conflicts", "abandoned")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout: float | None, durable: bool) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple,
+        kwargs: dict,
+        timeout: float | None,
+        durable: bool,
+        deadline: float | None = None,
+        conflicts: int = 0,
+    ) -> None:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.timeout = timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is None and timeout is not None:
+            deadline = time.monotonic() + timeout
+        self.deadline = deadline
         self.durable = durable
-        self.conflicts = 0
+        self.conflicts = conflicts
         self.abandoned = False  # set by a cancelled aatomically: do not commit
 
     def remaining(self) -> float | None:
@@ -100,7 +111,7 @@ class _Run:
             if escalated and not escalation_gate.acquire(timeout=-1 if self.deadline is None else self.remaining()):
                 raise self.timed_out()
             try:
-                tx = Transaction(escalated)
+                tx = Transaction(escalated, self.durable)
                 current.tx = tx
                 try:
                     result = self.fn(*self.args, **self.kwargs)
@@ -113,31 +124,35 @@ class _Run:
                 except _RetrySignal:
                     pass
                 else:
-                    return True, _after_commit(tx, receipts, self.durable, result)
+                    return True, _after_commit(tx, receipts, result)
                 finally:
                     current.tx = None
             finally:
                 if escalated:
                     escalation_gate.release()
             self.conflicts = 0
-            watched = tx.watched()
-            if not watched:
-                name = getattr(self.fn, "__qualname__", repr(self.fn))
-                raise RetryWithNothingRead(
-                    f"retry() was called in atomically({name}) before the transaction read any variable, "
-                    "so no commit could ever wake it; read the variables your condition depends on first"
-                )
-            waiter = make_waiter()
-            if register(waiter, watched):
-                return False, (waiter, watched)
+            blocked = self.block(tx, make_waiter)
+            if blocked is not None:
+                return False, blocked
             # A watched variable changed before we could register: run again at once.
 
+    def block(self, tx: Transaction, make_waiter: Callable[[], Any]) -> tuple[Any, dict[Any, int]] | None:
+        """Register a waiter on all ``tx`` (which retried) touched; None if something already changed."""
+        watched = tx.watched()
+        if not watched:
+            name = getattr(self.fn, "__qualname__", repr(self.fn))
+            raise RetryWithNothingRead(
+                f"retry() was called in atomically({name}) before the transaction read any variable, "
+                "so no commit could ever wake it; read the variables your condition depends on first"
+            )
+        waiter = make_waiter()
+        return (waiter, watched) if register(waiter, watched) else None
 
-def _after_commit(tx: Transaction, receipts: list, durable: bool, result: Any) -> Any:
+
+def _after_commit(tx: Transaction, receipts: list, result: Any) -> Any:
     try:
-        if durable or tx.durable:
-            for store, receipt in receipts:
-                store.wait_durable(receipt)
+        for store, receipt in receipts:  # only a durable transaction has receipts
+            store.wait_durable(receipt)
     finally:
         if tx.callbacks:
             callback_order.run(tx.callback_ticket, tx.callbacks)
@@ -157,18 +172,20 @@ def _join(tx: Transaction, fn: Callable[..., R], args: tuple, kwargs: dict, dura
     return result
 
 
-def _run_blocking(run: _Run) -> Any:
+def _run_blocking(run: _Run, retried: Transaction | None = None) -> Any:
+    blocked = None if retried is None else run.block(retried, ThreadWaiter)
     while True:
-        committed, payload = run.attempt(ThreadWaiter)
+        if blocked is not None:
+            waiter, watched = blocked
+            try:
+                woken = waiter.wait(run.remaining())
+            finally:
+                unregister(waiter, watched)
+            if not woken:
+                raise run.timed_out(watched)
+        committed, blocked = run.attempt(ThreadWaiter)
         if committed:
-            return payload
-        waiter, watched = payload
-        try:
-            woken = waiter.wait(run.remaining())
-        finally:
-            unregister(waiter, watched)
-        if not woken:
-            raise run.timed_out(watched)
+            return blocked
 
 
 def atomically(
@@ -185,7 +202,24 @@ def atomically(
     tx = current.tx
     if tx is not None:
         return _join(tx, fn, args, kwargs, durable)
-    return _run_blocking(_Run(fn, args, kwargs, timeout, durable))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    # The first attempt inline: most transactions commit on it, so they skip the retry machinery.
+    tx = current.tx = Transaction(False, durable)
+    try:
+        result = fn(*args, **kwargs)
+        receipts = tx.commit()
+    except _Conflict:
+        retried, conflicts = None, 1
+    except _RetrySignal:
+        retried, conflicts = tx, 0
+    else:
+        if receipts or tx.callbacks:
+            return _after_commit(tx, receipts, result)
+        return result
+    finally:
+        current.tx = None
+    # Conflicted or retried: go on with the full machinery (waiting, escalation, timeout).
+    return _run_blocking(_Run(fn, args, kwargs, timeout, durable, deadline, conflicts), retried)
 
 
 _executor: ThreadPoolExecutor | None = None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ..errors import NoTransaction
+from ..errors import NoTransaction, StoreClosed
 from ._callbacks import CallbackOrder
 from ._context import current
 
@@ -69,9 +69,10 @@ class Transaction:
         "durable",
         "escalated",
         "callback_ticket",
+        "stores",
     )
 
-    def __init__(self, escalated: bool = False) -> None:
+    def __init__(self, escalated: bool = False, durable: bool = False) -> None:
         self.read_version = clock[0]
         self.reads: dict[Any, int] = {}  # variable -> version seen
         self.writes: dict[Any, Any] = {}  # variable -> value to install
@@ -81,9 +82,11 @@ class Transaction:
         self._undo: list[tuple[Any, Any]] | None = None
         self._depth = 0
         self.callbacks: list[Any] | None = None
-        self.durable = False
+        self.durable = durable  # wait until enlisted stores have the commit on disk
         self.escalated = escalated
         self.callback_ticket = -1
+        # Stores whose variables were written (their variables' write adds them): they take part in commit.
+        self.stores: dict[Any, None] = {}
 
     # -- reading and writing -------------------------------------------------
 
@@ -165,8 +168,13 @@ class Transaction:
     def commit(self) -> list[tuple[Any, Any]]:
         """Install the writes atomically; raise ``_Conflict`` if a read went stale.
 
-        Returns ``(store, receipt)`` pairs for the stores that took writes, and the
-        waiters to wake are woken before returning.
+        The store protocol: a transaction whose ``stores`` holds a store with
+        ``closed`` set fails before anything changed; otherwise each store's
+        ``accept_commit(writes)`` (which must not fail, and gets the whole write
+        set to pick its variables from) runs while the commit lock is held, so
+        stores see commits in commit order. Returns ``(store, receipt)`` pairs for
+        ``wait_durable`` if the transaction is durable; the waiters to wake
+        are woken before returning.
         """
         writes = self.writes
         if not writes:
@@ -178,20 +186,18 @@ class Transaction:
             # An escalated transaction is running; let it finish first.
             with escalation_gate:
                 pass
+        stores = self.stores
         with commit_lock:
             for tvar, version in self.reads.items():
                 if tvar._state[0] != version:
                     raise _Conflict
-            by_store: dict[Any, list[tuple[Any, Any]]] | None = None
-            for tvar, value in writes.items():
-                store = tvar._store
-                if store is not None:
-                    if by_store is None:
-                        by_store = {}
-                    by_store.setdefault(store, []).append((tvar, value))
-            if by_store is not None:
-                for store in by_store:
-                    store.prepare_commit()  # may refuse (e.g. closed store) before anything changes
+            if stores:
+                for store in stores:
+                    if store.closed:  # refuse before anything changed
+                        raise StoreClosed(
+                            f"store {store.name!r} was closed before this transaction could commit, so nothing "
+                            "was committed; open the store again (djstm.with_store) and use its DVars"
+                        )
             new_version = clock[0] + 1
             woken: dict[Any, None] | None = None
             for tvar, value in writes.items():
@@ -201,9 +207,12 @@ class Transaction:
                         woken = {}
                     woken.update(tvar._waiters)
             receipts = []
-            if by_store is not None:
-                for store, entries in by_store.items():
-                    receipts.append((store, store.accept_commit(entries)))
+            if stores:
+                if self.durable:
+                    receipts = [(store, store.accept_commit(writes)) for store in stores]
+                else:
+                    for store in stores:
+                        store.accept_commit(writes)
             if self.callbacks:
                 self.callback_ticket = callback_order.take_ticket()
             clock[0] = new_version  # the linearization point: from here on others see this commit

@@ -21,13 +21,13 @@ from typing import Any
 
 from django.db import connections
 
-from ..backends.rows import fold_log_into_file, load_row, upsert_rows
+from ..backends.rows import commits_independently, fold_log_into_file, load_row, upsert_rows
 from ..codecs import Codec, codec_for, codec_from_tag
 from ..errors import DVarDecodeError, DVarTypeError, StoreClosed
 from ..names import Name, canonical_name
 from ..stm.transaction import commit_lock
 from .dvar import DVar
-from .write_behind import Row, WriteBehind
+from .write_behind import WriteBehind
 
 __all__ = ["DurableStore", "MISSING"]
 
@@ -57,7 +57,11 @@ class DurableStore:
         self._on_close = on_close
         self._dvars: dict[str, DVar[Any]] = {}
         self._opening = threading.Lock()
-        self._writer = WriteBehind(self._write_rows, self._writer_exits, f"store {name!r} in {where}")
+        self._writer = WriteBehind(
+            self, self._write_rows, self._can_write_here, self._writer_exits, f"store {name!r} in {where}"
+        )
+        # The engine's store protocol, part two: hand each commit's rows straight to the writer.
+        self.accept_commit = self._writer.accept_commit
 
     # -- DVars ---------------------------------------------------------------
 
@@ -115,7 +119,8 @@ class DurableStore:
             dvar = DVar(self, name, key, codec, None, "", 0)
             value, text = dvar.encode(default)
             dvar._state = (0, (value, text))
-            self._writer.enqueue([(key, codec.tag, text, 0)])
+            with commit_lock:  # recorded at a commit boundary, before any write to it can commit
+                self._writer.accept_creation(dvar, text)
             return dvar
         if type is None and default is MISSING:
             codec = codec_from_tag(row.type_tag)
@@ -138,18 +143,9 @@ class DurableStore:
 
     # -- the engine's store protocol (called by Transaction.commit under the commit lock) --
 
-    def prepare_commit(self) -> None:
-        self._check_open()
-
-    def accept_commit(self, entries: list[tuple[DVar[Any], tuple[Any, str]]]) -> int:
-        rows: list[Row] = []
-        for dvar, (_value, text) in entries:
-            dvar.row_version += 1
-            rows.append((dvar.key, dvar.codec.tag, text, dvar.row_version))
-        return self._writer.enqueue(rows)
-
-    def wait_durable(self, receipt: int) -> None:
-        self._writer.wait_flushed(receipt)
+    def wait_durable(self, receipt: int | None) -> None:
+        if receipt is not None:
+            self._writer.wait_flushed(receipt)
 
     # -- durability and life cycle --------------------------------------------
 
@@ -180,6 +176,9 @@ class DurableStore:
 
     def _write_rows(self, rows: Any) -> None:
         upsert_rows(self.alias, self.name, rows)
+
+    def _can_write_here(self) -> bool:
+        return commits_independently(self.alias)
 
     def _writer_exits(self) -> None:
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..codecs import Codec
-from ..errors import DVarTypeError, NoTransaction, StoreClosed
+from ..errors import DVarTypeError, NoTransaction
 from ..names import Name
 from ..stm._context import current
 from ..stm.tvar import TVar
@@ -28,7 +28,7 @@ T = TypeVar("T")
 class DVar(TVar[T]):
     """A typed, named transactional variable kept by a store (see ``Store.dvar``)."""
 
-    __slots__ = ("_store", "name", "key", "codec", "row_version")
+    __slots__ = ("_store", "name", "key", "codec", "type_tag", "row_version", "_mutable", "_dumps", "_loads")
 
     def __init__(self, store: DurableStore, name: Name, key: str, codec: Codec, value: Any, text: str, row_version: int) -> None:
         super().__init__((value, text))
@@ -36,7 +36,11 @@ class DVar(TVar[T]):
         self.name = name  # as the program gave it: a str or a tuple
         self.key = key  # canonical text: the row's name column, and the lock order
         self.codec = codec
+        self.type_tag = codec.tag
         self.row_version = row_version  # committed writes so far; the row's version column
+        self._mutable = codec.mutable
+        self._dumps = codec.dumps  # bound once: write is a hot path
+        self._loads = codec.loads
 
     @property
     def store(self) -> DurableStore:
@@ -47,29 +51,36 @@ class DVar(TVar[T]):
         if tx is None:
             raise NoTransaction(self._outside_message("read"))
         value = tx.read(self)[0]
-        return self.codec.copy(value) if self.codec.mutable else value
+        return self.codec.copy(value) if self._mutable else value
 
     def write(self, value: T) -> None:
         tx = current.tx
         if tx is None:
             raise NoTransaction(self._outside_message("write"))
-        tx.write(self, self.encode(value))
+        try:
+            text = self._dumps(value)
+        except DVarTypeError as error:
+            raise self._does_not_fit(error) from None
+        if self._mutable:
+            value = self._loads(text)
+        tx.write(self, (value, text))
+        if self._store not in tx.stores:
+            tx.stores[self._store] = None  # enlist: the store takes part in the commit, or refuses it if closed
 
     def peek(self) -> T:
         value = self._state[1][0]
-        return self.codec.copy(value) if self.codec.mutable else value
+        return self.codec.copy(value) if self._mutable else value
 
     def encode(self, value: Any) -> tuple[Any, str]:
         """Return the ``(private value, text)`` state for ``value``, or raise naming this DVar."""
-        if self._store.closed:
-            raise StoreClosed(f"{self._describe()} was written after its store was closed; open the store again")
         try:
-            text = self.codec.dumps(value)
+            text = self._dumps(value)
         except DVarTypeError as error:
-            raise DVarTypeError(f"cannot write to {self._describe()} of type {self.codec.tag}: {error}") from None
-        if self.codec.mutable:
-            value = self.codec.loads(text)
-        return value, text
+            raise self._does_not_fit(error) from None
+        return (self._loads(text) if self._mutable else value), text
+
+    def _does_not_fit(self, error: DVarTypeError) -> DVarTypeError:
+        return DVarTypeError(f"cannot write to {self._describe()} of type {self.type_tag}: {error}")
 
     def _describe(self) -> str:
         return f"DVar {self.name!r} of store {self._store.name!r}"

@@ -277,7 +277,7 @@ def test_concurrent_durable_commits_share_database_commits(store_path, hold_data
         ]
         for worker in workers:
             worker.start()
-        wait_until(lambda: store._writer._enqueued >= 8 + 8, what="all eight commits to be queued")
+        wait_until(lambda: store._writer._committed >= 8 + 8, what="all eight commits to be recorded")
         held.release()
         for worker in workers:
             worker.join(10)
@@ -321,8 +321,10 @@ def test_writing_after_the_store_closed_raises_store_closed(store_path):
     with djstm.with_store(store_path) as store:
         v = store.dvar("v", 0)
     assert v.peek() == 0
-    with pytest.raises(djstm.StoreClosed, match="open the store again"):
-        atomically(v.write, 1)
+    other = TVar(0)
+    with pytest.raises(djstm.StoreClosed, match="nothing was committed; open the store again"):
+        atomically(lambda: (other.write(1), v.write(1)))
+    assert other.peek() == 0
     with pytest.raises(djstm.StoreClosed):
         store.dvar("other", 0)
 
