@@ -10,34 +10,44 @@ from collections.abc import Callable
 RUNS = 3
 
 
-def rate(operation: Callable[[], object], count: int, threads: int = 1) -> float:
-    """Operations per second of ``operation`` run ``count`` times in each of ``threads`` threads (best of RUNS)."""
-    best = 0.0
-    for _ in range(RUNS):
-        start_line = threading.Barrier(threads + 1)
+def _one_run(operation: Callable[[], object], count: int, threads: int) -> float:
+    start_line = threading.Barrier(threads + 1)
 
-        def worker() -> None:
-            start_line.wait()
-            for _ in range(count):
-                operation()
-
-        workers = [threading.Thread(target=worker) for _ in range(threads)]
-        for thread in workers:
-            thread.start()
+    def worker() -> None:
         start_line.wait()
-        started = time.perf_counter()
-        for thread in workers:
-            thread.join()
-        best = max(best, count * threads / (time.perf_counter() - started))
+        for _ in range(count):
+            operation()
+
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    start_line.wait()
+    started = time.perf_counter()
+    for thread in workers:
+        thread.join()
+    return count * threads / (time.perf_counter() - started)
+
+
+def rates(*candidates: tuple[Callable[[], object], int, int]) -> list[float]:
+    """Operations per second of each ``(operation, count, threads)``: best of RUNS, runs interleaved.
+
+    Interleaving puts each candidate's runs next to its peers', so a slow
+    moment of the machine (or its disk) hits all of them alike.
+    """
+    best = [0.0] * len(candidates)
+    for _ in range(RUNS):
+        for index, (operation, count, threads) in enumerate(candidates):
+            best[index] = max(best[index], _one_run(operation, count, threads))
     return best
 
 
 def best_time(run: Callable[[], object]) -> float:
     """Seconds taken by the fastest of RUNS calls of ``run``."""
-    return min(_timed(run) for _ in range(RUNS))
+    return min(timed(run) for _ in range(RUNS))
 
 
-def _timed(run: Callable[[], object]) -> float:
+def timed(run: Callable[[], object]) -> float:
+    """Seconds one call of ``run`` takes."""
     started = time.perf_counter()
     run()
     return time.perf_counter() - started

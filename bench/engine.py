@@ -12,7 +12,7 @@ from ZODB.POSException import ConflictError
 
 from djstm import TVar, atomically
 
-from ._measure import Table, rate
+from ._measure import Table, rates
 
 COUNT = 40_000
 ZODB_COUNT = 4_000
@@ -44,7 +44,7 @@ def _djstm_update() -> object:
 
 
 def _zodb_update() -> object:
-    db = ZODB.DB(MappingStorage())
+    db = ZODB.DB(MappingStorage(), pool_size=16)  # a connection per thread
     with db.transaction() as connection:
         connection.root.counter = _Counter()
     local = threading.local()
@@ -68,9 +68,9 @@ def _zodb_update() -> object:
 def run() -> Table:
     table = Table("Engine: one read and one write per transaction")
     for threads in (1, 4):
-        lock = rate(_lock_update(), COUNT, threads)
-        stm = rate(_djstm_update(), COUNT, threads)
-        zodb = rate(_zodb_update(), ZODB_COUNT, threads)
+        lock, stm, zodb = rates(
+            (_lock_update(), COUNT, threads), (_djstm_update(), COUNT, threads), (_zodb_update(), ZODB_COUNT, threads)
+        )
         table.rate(f"threading.Lock, {threads} thread(s)", lock)
         table.rate(f"djstm TVar, {threads} thread(s)", stm)
         table.rate(f"ZODB MappingStorage, {threads} thread(s)", zodb)

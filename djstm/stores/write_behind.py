@@ -9,12 +9,15 @@ one, and after a crash the store shows a prefix of the committed
 transactions. A DVar written a thousand times between flushes costs one row,
 and memory holds one entry per dirty DVar, not one per commit.
 
-Without anyone waiting, the writer lets commits gather for up to
-``GATHER_SECONDS`` before flushing (fewer, larger database commits). A thread
+Without anyone waiting, the writer flushes commits that have waited one
+``GATHER_SECONDS`` interval (fewer, larger database commits), and sleeps
+while nothing is committed. A thread
 that waits for durability (``sync``, ``durable=True``) flushes at once,
 itself if no flush is under way (no hand-off to the writer thread), and every
 waiter shares whichever database commit covers it: group commit. One flush
 runs at a time, so flushes reach the disk in the order they were taken.
+A thread inside its own ``transaction.atomic()`` on the store's database
+cannot flush (it would only write a savepoint) and leaves it to the writer.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ __all__ = ["WriteBehind", "Row"]
 # (name, type_tag, encoded value, version)
 Row = tuple[str, str, str, int]
 
-#: Longest a committed transaction waits in memory before the writer starts flushing it, if nobody waits for it.
+#: The writer's polling interval: an unwaited commit reaches the disk within about two of these.
 GATHER_SECONDS = 0.005
 
 
@@ -50,17 +53,18 @@ class WriteBehind:
         self._owner = owner  # the store whose variables this writer persists
         self._write_rows = write_rows
         self._can_write_here = can_write_here  # may the calling thread flush through its own connection?
-        self._flushing = threading.Lock()  # one flush at a time, from taking the dirty set to the disk commit
+        self._flush_in_progress = False  # one flush at a time, from taking the dirty set to the disk commit
         self._on_exit = on_exit
         self._description = description
         self._dirty: dict[Any, str] = {}  # DVar -> latest encoded value; guarded by commit_lock
         self._committed = 0  # commits recorded so far; guarded by commit_lock
-        self._flushed = 0  # commits whose state is on disk
+        # Guards _flushed, _failure and _flush_in_progress; notified at the end of every flush.
         self._flushed_changed = threading.Condition()
+        self._flushed = 0  # commits whose state is on disk
         self._failure: BaseException | None = None
-        self._wake = threading.Event()  # something was committed while the writer was idle
+        self._wake = threading.Event()  # something was committed while the writer slept
         self._urgent = threading.Event()  # someone waits for the disk: flush now
-        self._idle = False
+        self._idle = False  # the writer sleeps until the next commit
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"djstm-writer {description}", daemon=True)
         self._thread.start()
@@ -96,34 +100,26 @@ class WriteBehind:
         """Block until commit number ``commit`` (default: every commit so far) is on disk."""
         if commit is None:
             commit = self._committed
-        while self._flushed < commit:
-            if self._can_write_here() and self._flushing.acquire(blocking=False):
-                try:
-                    if self._flushed < commit:
-                        self._flush_once()
-                except Exception as error:
-                    self._urgent.set()  # the writer thread takes over and keeps retrying
-                    raise self._failed(error) from error
-                finally:
-                    self._flushing.release()
-                continue
-            self._urgent.set()
-            self._wake.set()
-            with self._flushed_changed:
-                if self._flushed >= commit:
-                    return
+        if self._flushed >= commit:
+            return
+        may_flush = self._can_write_here()
+        if not may_flush:
+            self._urgent.set()  # inside the caller's database transaction: only the writer thread can flush
+        with self._flushed_changed:
+            while self._flushed < commit:
+                if may_flush and not self._flush_in_progress:
+                    try:
+                        self._flush_holding_condition()
+                    except Exception as error:
+                        self._urgent.set()  # the writer thread takes over and keeps retrying
+                        raise self._failed(error) from error
+                    continue
                 if self._failure is not None:
                     raise self._failed(self._failure) from self._failure
                 if not self._thread.is_alive():
                     raise STMError(f"{self._description}: its writer has stopped; reopen the store")
-                self._flushed_changed.wait(0.05)
-
-    def _failed(self, error: BaseException) -> STMError:
-        return STMError(
-            f"{self._description} could not write to its database ({error!r}); the commit stands in memory "
-            "and the writer keeps retrying. Fix the database (space, permissions), or close the store to "
-            "try a last time."
-        )
+                # A flush is under way; it may cover our commit. Every waiter wakes when it ends.
+                self._flushed_changed.wait(0.5)
 
     def stop(self) -> None:
         """Flush everything committed, then end the writer thread."""
@@ -134,57 +130,79 @@ class WriteBehind:
 
     # -- the writer thread ----------------------------------------------------
 
-    def _flush_once(self) -> None:
-        """Write the dirty set as of the latest commit boundary; the caller holds ``_flushing``."""
-        with commit_lock:  # a commit boundary: no commit is half-recorded, and versions match the values
-            dirty, self._dirty = self._dirty, {}
-            rows = [(dvar.key, dvar.type_tag, text, dvar.row_version) for dvar, text in dirty.items()]
-            committed = self._committed
+    def _flush_holding_condition(self) -> None:
+        """Flush the dirty set as of the latest commit boundary.
+
+        Called with ``_flushed_changed`` held and ``_flush_in_progress`` false;
+        the condition is released while writing, so that waiters covered by an
+        earlier flush can leave and new commits can queue behind this one.
+        """
+        self._flush_in_progress = True
+        self._flushed_changed.release()
         try:
-            if rows:
-                self._write_rows(rows)
-        except BaseException:
-            with commit_lock:  # put back what did not reach the disk, under anything newer
-                dirty.update(self._dirty)
-                self._dirty = dirty
+            with commit_lock:  # a commit boundary: no commit is half-recorded, and versions match the values
+                dirty, self._dirty = self._dirty, {}
+                rows = [(dvar.key, dvar.type_tag, text, dvar.row_version) for dvar, text in dirty.items()]
+                committed = self._committed
+            try:
+                if rows:
+                    self._write_rows(rows)
+            except BaseException:
+                with commit_lock:  # put back what did not reach the disk, under anything newer
+                    dirty.update(self._dirty)
+                    self._dirty = dirty
+                raise
+        except BaseException as error:
+            self._flushed_changed.acquire()
+            self._failure = error
             raise
-        with self._flushed_changed:
+        else:
+            self._flushed_changed.acquire()
             self._failure = None
             self._flushed = committed
+        finally:
+            self._flush_in_progress = False
             self._flushed_changed.notify_all()
 
     def _flush_until_done(self) -> None:
+        """The writer thread's flush: retried with backoff until it succeeds (or the store is stopping)."""
         backoff = 0.05
-        while True:
-            try:
-                with self._flushing:
-                    self._flush_once()
-                return
-            except Exception as error:  # the rows stay dirty; dropping them would break the prefix promise
-                with self._flushed_changed:
-                    self._failure = error
-                    self._flushed_changed.notify_all()
-                if self._stopping and backoff > 1:
-                    raise
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+        with self._flushed_changed:
+            target = self._committed
+            while self._flushed < target:
+                if self._flush_in_progress:
+                    self._flushed_changed.wait(0.5)
+                    continue
+                try:
+                    self._flush_holding_condition()
+                except Exception:  # the rows stay dirty; dropping them would break the prefix promise
+                    if self._stopping and backoff > 1:
+                        raise
+                    self._flushed_changed.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
 
     def _run(self) -> None:
         try:
+            seen = 0  # commits recorded at the previous look
             while True:
-                if self._committed > self._flushed:
-                    if self._urgent.wait(GATHER_SECONDS):
-                        self._urgent.clear()
+                if self._urgent.wait(GATHER_SECONDS):  # a waiter that cannot flush itself, or stop()
+                    self._urgent.clear()
+                    if self._committed > self._flushed:
+                        self._flush_until_done()
+                    if self._stopping and self._committed <= self._flushed:
+                        return
+                elif self._flushed < seen:
+                    # Commits that waited a whole interval and nobody flushed: write them behind now.
                     self._flush_until_done()
-                    continue
-                if self._stopping:
-                    return
-                self._idle = True
-                if self._committed > self._flushed or self._stopping:
-                    self._idle = False
-                    continue
-                self._wake.wait()
-                self._wake.clear()
-                self._idle = False
+                elif self._committed == seen:
+                    self._sleep_until_a_commit(seen)
+                seen = self._committed
         finally:
             self._on_exit()
+
+    def _sleep_until_a_commit(self, seen: int) -> None:
+        self._idle = True
+        if self._committed == seen and not self._stopping:  # a commit sees _idle and wakes us
+            self._wake.wait()
+        self._wake.clear()
+        self._idle = False
