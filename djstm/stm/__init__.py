@@ -3,7 +3,7 @@
 Pure Python with no Django import; usable on its own (``import djstm.stm``).
 """
 
-from .atomically import aatomically, after_commit, atomically, check, or_else, retry, transactional
+from .runner import aatomically, after_commit, atomically, check, or_else, retry, transactional
 from .tvar import TVar
 
 __all__ = [

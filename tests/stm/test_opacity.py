@@ -5,7 +5,7 @@ import threading
 import time
 
 from djstm import TVar, atomically
-from djstm.stm.atomically import ESCALATE_AFTER_CONFLICTS
+from djstm.stm.runner import ESCALATE_AFTER_CONFLICTS
 from tests.conftest import run_threads
 
 
