@@ -6,6 +6,7 @@ name is listed in ``__all__`` and defined in exactly one submodule.
 
 from .errors import (
     DVarDecodeError,
+    DVarNotFound,
     DVarTypeError,
     InvalidName,
     NoTransaction,
@@ -13,6 +14,7 @@ from .errors import (
     StoreClosed,
     StoreCorrupt,
     StoreLocked,
+    StoreUnavailable,
     STMError,
     Timeout,
 )
@@ -41,4 +43,6 @@ __all__ = [
     "StoreLocked",
     "StoreCorrupt",
     "StoreClosed",
+    "StoreUnavailable",
+    "DVarNotFound",
 ]

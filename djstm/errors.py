@@ -2,7 +2,7 @@
 
 The hierarchy says what the caller should do: fix the call (``NoTransaction``,
 ``InvalidName``, ``DVarTypeError``), wait or give up (``Timeout``), or look at
-the store (``StoreLocked``, ``StoreCorrupt``). Messages name the variable, the
+the store (``StoreLocked``, ``StoreCorrupt``, ``StoreUnavailable``). Messages name the variable, the
 store and the fix. This module imports nothing, so every layer may use it.
 """
 
@@ -19,6 +19,8 @@ __all__ = [
     "StoreLocked",
     "StoreCorrupt",
     "StoreClosed",
+    "StoreUnavailable",
+    "DVarNotFound",
 ]
 
 
@@ -60,3 +62,14 @@ class StoreLocked(STMError):
 
 class StoreClosed(STMError):
     """A DVar or store was used after its ``with_store`` block ended."""
+
+
+class StoreUnavailable(STMError):
+    """The store cannot be opened as asked: a path that cannot hold it, or a database not set up for djstm."""
+
+
+class DVarNotFound(STMError, KeyError):
+    """``store.dvar(name)`` without a default, for a name the store does not have."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""

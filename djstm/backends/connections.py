@@ -16,7 +16,7 @@ from django.apps import apps
 from django.conf import settings
 from django.db import connections
 
-from ..errors import StoreCorrupt
+from ..errors import StoreUnavailable
 
 __all__ = ["ensure_django", "alias_for_sqlite_file", "describe_database", "vendor_of", "ensure_schema"]
 
@@ -39,6 +39,11 @@ def ensure_django() -> None:
             )
         if not apps.ready:
             django.setup()
+    if not apps.is_installed("djstm"):
+        raise StoreUnavailable(
+            'this Django project does not have "djstm" in INSTALLED_APPS; add it there, '
+            "then run `python manage.py migrate djstm`"
+        )
 
 
 def alias_for_sqlite_file(path: str | os.PathLike[str]) -> str:
@@ -100,7 +105,7 @@ def ensure_schema(alias: str, *, create: bool) -> None:
     if "djstm_dvar" in connection.introspection.table_names():
         return
     if not create:
-        raise StoreCorrupt(
+        raise StoreUnavailable(
             f"{describe_database(alias)} has no djstm_dvar table; run "
             f"`python manage.py migrate djstm --database {alias}` first"
         )

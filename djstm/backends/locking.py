@@ -15,7 +15,7 @@ import hashlib
 import os
 import threading
 
-from ..errors import STMError, StoreLocked
+from ..errors import StoreLocked, StoreUnavailable
 
 __all__ = ["StoreLease", "acquire_store_lease"]
 
@@ -49,7 +49,7 @@ class StoreLease:
 def acquire_store_lease(database_file: str, store_name: str, where: str) -> StoreLease:
     """Lock store ``store_name`` of the SQLite file ``database_file`` for this process, or raise StoreLocked."""
     if not database_file or database_file == ":memory:" or "mode=memory" in database_file:
-        raise STMError(
+        raise StoreUnavailable(
             f"{where} is an in-memory SQLite database, which a durable store cannot write behind to; "
             "give the database a file NAME"
         )
@@ -67,7 +67,7 @@ def acquire_store_lease(database_file: str, store_name: str, where: str) -> Stor
             raise StoreLocked(
                 f"store {store_name!r} in {where} is open in another process; a durable store "
                 "serves one process at a time. Close it there (leave its with_store block or stop "
-                'that process), open another store name, or use mode="distributed" to share it.'
+                "that process), or open another store name."
             ) from None
         _sidecars[sidecar] = (fd, held + 1)
     return StoreLease(sidecar, offset)

@@ -11,6 +11,7 @@ from ..errors import StoreCorrupt
 __all__ = ["inspect_store_file"]
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_COLUMNS = {"id", "store", "name", "type_tag", "value", "version", "updated_at"}
 
 
 def inspect_store_file(path: str) -> bool:
@@ -37,9 +38,7 @@ def inspect_store_file(path: str) -> bool:
         connection = sqlite3.connect(uri, uri=True)
         try:
             (verdict,) = connection.execute("PRAGMA quick_check(1)").fetchone()
-            has_table = connection.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'djstm_dvar'"
-            ).fetchone()
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(djstm_dvar)")}
         finally:
             connection.close()
     except sqlite3.DatabaseError as error:
@@ -51,9 +50,14 @@ def inspect_store_file(path: str) -> bool:
             f"{path} is damaged (SQLite integrity check: {verdict}); it was left untouched. "
             "Restore it from a backup, or open the store at another path."
         )
-    if not has_table:
+    if not columns:
         raise StoreCorrupt(
             f"{path} is an SQLite database but not a djstm store (it has no djstm_dvar table); "
             "it was left untouched. Open the store at another path."
+        )
+    if not _COLUMNS <= columns:
+        raise StoreCorrupt(
+            f"{path} has a djstm_dvar table without the columns {sorted(_COLUMNS - columns)}, so it was not "
+            "written by this djstm; it was left untouched. Open the store at another path."
         )
     return True

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import threading
 import time
+import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, ParamSpec, TypeVar
@@ -51,6 +52,27 @@ ESCALATE_AFTER_CONFLICTS = 8
 _ABANDONED = (False, None)
 
 
+def _deadline_for(timeout: float | None, entry: str) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{entry}(timeout={timeout!r}): the timeout is a number of seconds, or None for no limit")
+    if timeout < 0:
+        raise ValueError(f"{entry}(timeout={timeout!r}): the timeout cannot be negative")
+    return time.monotonic() + timeout
+
+
+def _refuse_coroutine(fn: Callable[..., Any], result: Any, entry: str) -> None:
+    if type(result) is types.CoroutineType:
+        result.close()  # never awaited: close it so Python does not warn about it later
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise TypeError(
+            f"{entry}({name}): {name} is an async function; a transaction must be a plain function "
+            "(it may run several times and cannot await). Use `def`, and `await djstm.aatomically(fn)` "
+            "to run it from async code."
+        )
+
+
 def _describe_watched(watched: dict[Any, int]) -> str:
     names = [tvar._describe() for tvar in list(watched)[:5]]
     more = f" and {len(watched) - 5} more" if len(watched) > 5 else ""
@@ -60,7 +82,7 @@ def _describe_watched(watched: dict[Any, int]) -> str:
 class _Run:
     """One call of ``atomically``: the function, its deadline, and how often it conflicted."""
 
-    __slots__ = ("fn", "args", "kwargs", "timeout", "deadline", "durable", "conflicts", "abandoned")
+    __slots__ = ("fn", "args", "kwargs", "timeout", "deadline", "durable", "conflicts", "abandoned", "entry")
 
     def __init__(
         self,
@@ -71,13 +93,15 @@ class _Run:
         durable: bool,
         deadline: float | None = None,
         conflicts: int = 0,
+        entry: str = "atomically",
     ) -> None:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.timeout = timeout
-        if deadline is None and timeout is not None:
-            deadline = time.monotonic() + timeout
+        self.entry = entry  # the public function the user called, for messages
+        if deadline is None:
+            deadline = _deadline_for(timeout, entry)
         self.deadline = deadline
         self.durable = durable
         self.conflicts = conflicts
@@ -92,7 +116,7 @@ class _Run:
         name = getattr(self.fn, "__qualname__", repr(self.fn))
         where = f" while blocked in retry on {_describe_watched(watched)}" if watched else ""
         return Timeout(
-            f"atomically({name}) did not finish within {self.timeout}s{where}; "
+            f"{self.entry}({name}) did not finish within {self.timeout}s{where}; "
             "nothing it wrote was committed. Raise the timeout, or check that some "
             "other transaction will make the awaited change."
         )
@@ -115,6 +139,7 @@ class _Run:
                 current.tx = tx
                 try:
                     result = self.fn(*self.args, **self.kwargs)
+                    _refuse_coroutine(self.fn, result, self.entry)
                     if self.abandoned:
                         return _ABANDONED
                     receipts = tx.commit()
@@ -122,14 +147,17 @@ class _Run:
                     self.conflicts += 1
                     continue
                 except _RetrySignal:
-                    pass
+                    committed = False
                 else:
-                    return True, _after_commit(tx, receipts, result)
+                    committed = True
                 finally:
                     current.tx = None
             finally:
                 if escalated:
                     escalation_gate.release()
+            if committed:
+                # Outside the transaction and the gate: callbacks may run transactions of their own.
+                return True, _after_commit(tx, receipts, result)
             self.conflicts = 0
             blocked = self.block(tx, make_waiter)
             if blocked is not None:
@@ -142,7 +170,7 @@ class _Run:
         if not watched:
             name = getattr(self.fn, "__qualname__", repr(self.fn))
             raise RetryWithNothingRead(
-                f"retry() was called in atomically({name}) before the transaction read any variable, "
+                f"retry() was called in {self.entry}({name}) before the transaction read any variable, "
                 "so no commit could ever wake it; read the variables your condition depends on first"
             )
         waiter = make_waiter()
@@ -163,6 +191,7 @@ def _join(tx: Transaction, fn: Callable[..., R], args: tuple, kwargs: dict, dura
     mark = tx.savepoint()
     try:
         result = fn(*args, **kwargs)
+        _refuse_coroutine(fn, result, "atomically")
     except BaseException:
         tx.rollback_to(mark)
         raise
@@ -202,22 +231,26 @@ def atomically(
     tx = current.tx
     if tx is not None:
         return _join(tx, fn, args, kwargs, durable)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = _deadline_for(timeout, "atomically")
     # The first attempt inline: most transactions commit on it, so they skip the retry machinery.
     tx = current.tx = Transaction(False, durable)
     try:
         result = fn(*args, **kwargs)
+        if type(result) is types.CoroutineType:
+            _refuse_coroutine(fn, result, "atomically")
         receipts = tx.commit()
     except _Conflict:
         retried, conflicts = None, 1
     except _RetrySignal:
         retried, conflicts = tx, 0
     else:
+        retried = conflicts = None
+    finally:
+        current.tx = None
+    if conflicts is None:  # committed
         if receipts or tx.callbacks:
             return _after_commit(tx, receipts, result)
         return result
-    finally:
-        current.tx = None
     # Conflicted or retried: go on with the full machinery (waiting, escalation, timeout).
     return _run_blocking(_Run(fn, args, kwargs, timeout, durable, deadline, conflicts), retried)
 
@@ -257,7 +290,7 @@ async def aatomically(
     if current.tx is not None:
         raise STMError("aatomically() was awaited inside a transaction; call atomically() there to join it")
     loop = asyncio.get_running_loop()
-    run = _Run(fn, args, kwargs, timeout, durable)
+    run = _Run(fn, args, kwargs, timeout, durable, entry="aatomically")
     executor = _attempt_executor()
     while True:
         waiter = AsyncWaiter(loop)

@@ -193,7 +193,8 @@ class Transaction:
                     raise _Conflict
             if stores:
                 for store in stores:
-                    if store.closed:  # refuse before anything changed
+                    # Refuse before anything changed, unless this store's writes were all rolled back.
+                    if store.closed and any(tvar._store is store for tvar in writes):
                         raise StoreClosed(
                             f"store {store.name!r} was closed before this transaction could commit, so nothing "
                             "was committed; open the store again (djstm.with_store) and use its DVars"

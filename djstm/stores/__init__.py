@@ -12,7 +12,7 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
-from ..errors import STMError
+from ..errors import STMError, StoreUnavailable
 from ..names import check_store_name
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ __all__ = ["with_store", "MODES"]
 MODES = ("durable", "large", "distributed")
 
 _open_stores: dict[tuple[str, str], DurableStore] = {}
+_users: dict[DurableStore, int] = {}  # with_store uses not yet ended, per open store
 _registry_lock = threading.RLock()
 
 
@@ -30,6 +31,14 @@ def _forget(store: DurableStore) -> None:
     with _registry_lock:
         if _open_stores.get((store.alias, store.name)) is store:
             del _open_stores[(store.alias, store.name)]
+        _users.pop(store, None)
+
+
+def _release(store: DurableStore) -> None:
+    with _registry_lock:  # held while closing: with_store waits rather than reopen a half-closed store
+        _users[store] = _users.get(store, 1) - 1
+        if _users[store] <= 0:
+            store.close()
 
 
 def _close_all() -> None:
@@ -40,6 +49,19 @@ def _close_all() -> None:
 
 
 atexit.register(_close_all)
+
+
+def _check_store_path(path: str | os.PathLike[str]) -> None:
+    text = os.fspath(path)
+    if text == ":memory:" or text.startswith("file:"):
+        raise StoreUnavailable(
+            f"with_store({text!r}): a durable store needs a file on disk; give a file path such as 'project.sqlite3'"
+        )
+    if os.path.isdir(text):
+        raise StoreUnavailable(f"with_store({text!r}): that is a directory; give a file path inside it")
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(directory):
+        raise StoreUnavailable(f"with_store({text!r}): the directory {directory} does not exist; create it first")
 
 
 def with_store(
@@ -73,6 +95,7 @@ def with_store(
     from django.db import connections
 
     if path is not None:
+        _check_store_path(path)
         alias = alias_for_sqlite_file(path)
         database_file = connections.settings[alias]["NAME"]
         inspect_store_file(database_file)
@@ -80,20 +103,22 @@ def with_store(
     else:
         if database not in connections.settings:
             known = ", ".join(map(repr, connections.settings)) or "none"
-            raise STMError(f"with_store(database={database!r}): no such alias in settings.DATABASES (known: {known})")
+            raise StoreUnavailable(
+                f"with_store(database={database!r}): no such alias in settings.DATABASES (known: {known})"
+            )
         alias, where, create = database, describe_database(database), False
         vendor = connections[alias].vendor
         if vendor != "sqlite":
-            raise STMError(
+            raise StoreUnavailable(
                 f"a durable store needs an SQLite database, and {where} is {vendor}; "
-                'give a file path, or use mode="distributed" to share DVars through PostgreSQL'
+                "give a file path, or a database alias whose ENGINE is SQLite"
             )
         database_file = connections[alias].settings_dict["NAME"]
 
     with _registry_lock:
         store = _open_stores.get((alias, name))
         if store is not None and not store.closed:
-            store.users += 1
+            _users[store] += 1
             return store
         lease = acquire_store_lease(str(database_file), name, where)
         try:
@@ -106,6 +131,15 @@ def with_store(
             lease.release()
             _forget(store)
 
-        store = DurableStore(alias=alias, name=name, where=where, owns_database=create, on_close=closed)
+        store = DurableStore(
+            alias=alias,
+            name=name,
+            where=where,
+            owns_database=create,
+            release=_release,
+            on_close=closed,
+            closing=_registry_lock,
+        )
         _open_stores[(alias, name)] = store
+        _users[store] = 1
         return store

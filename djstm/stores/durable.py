@@ -7,10 +7,11 @@ have a durable store open (``StoreLocked`` for a second). Within the process,
 the store is open, so a commit through one reference wakes transactions
 blocked on another.
 
-A DVar's life here: *absent* (no row) → created with its default (a row is
-queued at once, so its type tag is recorded) → *clean* or *dirty* (committed
-in memory, row not yet flushed) → *flushed*. Closing the store flushes and
-turns every DVar *closed*: reading still works, writing raises ``StoreClosed``.
+A DVar's life here: *absent* (no row) → created with its default (its row
+goes into the dirty set at once, so its type tag is recorded) → *dirty*
+(committed in memory, row not yet flushed) → *flushed*. Closing the store
+flushes and turns every DVar *closed*: reading still works, a transaction
+that writes one raises ``StoreClosed`` and commits nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from django.db import connections
 
 from ..backends.rows import commits_independently, fold_log_into_file, load_row, upsert_rows
 from ..codecs import Codec, codec_for, codec_from_tag
-from ..errors import DVarDecodeError, DVarTypeError, StoreClosed
+from ..errors import DVarDecodeError, DVarNotFound, DVarTypeError, StoreClosed
 from ..names import Name, canonical_name
 from ..stm.transaction import commit_lock
 from .dvar import DVar
@@ -46,21 +47,30 @@ class DurableStore:
     mode = "durable"
 
     def __init__(
-        self, *, alias: str, name: str, where: str, owns_database: bool, on_close: Callable[[DurableStore], None]
+        self,
+        *,
+        alias: str,
+        name: str,
+        where: str,
+        owns_database: bool,
+        release: Callable[[DurableStore], None],
+        on_close: Callable[[DurableStore], None],
+        closing: threading.RLock,
     ) -> None:
         self.alias = alias
         self._owns_database = owns_database  # a store file djstm opened, not a database of the project
         self.name = name
         self.where = where  # the database, for messages
-        self.closed = False
-        self.users = 1  # open with_store calls sharing this store; the last one out closes it
+        self.closed = False  # read by Transaction.commit: a closed store refuses commits
+        self._release = release
         self._on_close = on_close
+        self._closing = closing  # held while closing, so the same store cannot be reopened half-closed
         self._dvars: dict[str, DVar[Any]] = {}
         self._opening = threading.Lock()
         self._writer = WriteBehind(
             self, self._write_rows, self._can_write_here, self._writer_exits, f"store {name!r} in {where}"
         )
-        # The engine's store protocol, part two: hand each commit's rows straight to the writer.
+        # Transaction.commit hands each committed write set straight to the writer.
         self.accept_commit = self._writer.accept_commit
 
     # -- DVars ---------------------------------------------------------------
@@ -72,12 +82,12 @@ class DurableStore:
         ``int | None``…). Raises ``DVarTypeError`` if the store recorded
         another type for this name, ``InvalidName`` for a bad name.
         """
+        self._check_open()
         key = canonical_name(name)
         existing = self._dvars.get(key)
         if existing is not None:
             self._check_same_type(existing, type, default)
             return existing
-        self._check_open()
         with self._opening:
             existing = self._dvars.get(key)
             if existing is not None:
@@ -112,14 +122,14 @@ class DurableStore:
         row = load_row(self.alias, self.name, key)
         if row is None:
             if default is MISSING:
-                raise KeyError(
+                raise DVarNotFound(
                     f"DVar {name!r} is not in store {self.name!r} ({self.where}); pass a default to create it"
                 )
-            codec = self._codec_for(name, type, default)
-            dvar = DVar(self, name, key, codec, None, "", 0)
-            value, text = dvar.encode(default)
-            dvar._state = (0, (value, text))
+            codec = self._codec_for(name, type, default)  # refuses a default that does not fit
+            text = codec.dumps(default)
+            dvar = DVar(self, name, key, codec, codec.loads(text) if codec.mutable else default, text, 0)
             with commit_lock:  # recorded at a commit boundary, before any write to it can commit
+                self._check_open()  # close() sets closed under this lock: no row slips in after the last flush
                 self._writer.accept_creation(dvar, text)
             return dvar
         if type is None and default is MISSING:
@@ -141,13 +151,12 @@ class DurableStore:
             ) from None
         return DVar(self, name, key, codec, value, row.value, row.version)
 
-    # -- the engine's store protocol (called by Transaction.commit under the commit lock) --
+    # -- durability and life cycle --------------------------------------------
 
     def wait_durable(self, receipt: int | None) -> None:
+        """Called after a ``durable=True`` commit with what ``accept_commit`` returned."""
         if receipt is not None:
             self._writer.wait_flushed(receipt)
-
-    # -- durability and life cycle --------------------------------------------
 
     def sync(self) -> None:
         """Return once everything committed to this store so far is on disk."""
@@ -155,20 +164,24 @@ class DurableStore:
 
     def release(self) -> None:
         """End one ``with_store`` use; the last use to end closes the store."""
-        self.users -= 1
-        if self.users <= 0:
-            self.close()
+        self._release(self)
 
     def close(self) -> None:
-        """Flush and close now; later writes to this store's DVars raise ``StoreClosed``."""
-        if self.closed:
-            return
-        with commit_lock:  # no commit may slip in between the last flush and the close
-            self.closed = True
-        self._writer.stop()
-        if self._owns_database:
-            connections[self.alias].close()  # this thread's connection to the file, if it loaded DVars
-        self._on_close(self)
+        """Flush and close now; later writes to this store's DVars raise ``StoreClosed``.
+
+        Raises ``STMError`` if the last flush failed (the store is closed all the same).
+        """
+        with self._closing:
+            if self.closed:
+                return
+            with commit_lock:  # no commit may slip in between the last flush and the close
+                self.closed = True
+            try:
+                self._writer.stop()
+            finally:
+                if self._owns_database:
+                    connections[self.alias].close()  # this thread's connection to the file, if it loaded DVars
+                self._on_close(self)
 
     def _check_open(self) -> None:
         if self.closed:

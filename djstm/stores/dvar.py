@@ -71,16 +71,14 @@ class DVar(TVar[T]):
         value = self._state[1][0]
         return self.codec.copy(value) if self._mutable else value
 
-    def encode(self, value: Any) -> tuple[Any, str]:
-        """Return the ``(private value, text)`` state for ``value``, or raise naming this DVar."""
-        try:
-            text = self._dumps(value)
-        except DVarTypeError as error:
-            raise self._does_not_fit(error) from None
-        return (self._loads(text) if self._mutable else value), text
-
     def _does_not_fit(self, error: DVarTypeError) -> DVarTypeError:
         return DVarTypeError(f"cannot write to {self._describe()} of type {self.type_tag}: {error}")
 
     def _describe(self) -> str:
         return f"DVar {self.name!r} of store {self._store.name!r}"
+
+    def __repr__(self) -> str:
+        shown = repr(self._state[1][0])
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        return f"<{self._describe()} type={self.type_tag} version={self.row_version} value={shown}>"

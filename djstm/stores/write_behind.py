@@ -71,17 +71,21 @@ class WriteBehind:
 
     # -- called under the commit lock ------------------------------------------
 
-    def accept_commit(self, writes: dict[Any, tuple[Any, str]]) -> int:
-        """Record the owner's variables in a committed write set; return the commit's number.
+    def accept_commit(self, writes: dict[Any, tuple[Any, str]]) -> int | None:
+        """Record the owner's variables in a committed write set; return the commit's number (None if none).
 
         The engine calls this under the commit lock (see ``Transaction.commit``).
         """
         owner = self._owner
         dirty = self._dirty
+        wrote = False
         for dvar, state in writes.items():
             if dvar._store is owner:
                 dvar.row_version += 1
                 dirty[dvar] = state[1]
+                wrote = True
+        if not wrote:  # its writes were all rolled back (or_else, a caught nested exception)
+            return None
         self._committed += 1
         if self._idle:
             self._wake.set()
@@ -114,19 +118,35 @@ class WriteBehind:
                         self._urgent.set()  # the writer thread takes over and keeps retrying
                         raise self._failed(error) from error
                     continue
-                if self._failure is not None:
+                if self._failure is not None and not may_flush:  # (one that may flush tries again itself)
                     raise self._failed(self._failure) from self._failure
                 if not self._thread.is_alive():
                     raise STMError(f"{self._description}: its writer has stopped; reopen the store")
                 # A flush is under way; it may cover our commit. Every waiter wakes when it ends.
                 self._flushed_changed.wait(0.5)
 
+    def _failed(self, error: BaseException) -> STMError:
+        return STMError(
+            f"{self._description} could not write to its database ({error!r}); the commit stands in memory "
+            "and the writer keeps retrying. Fix the database (space, permissions, triggers), or close the "
+            "store to try a last time."
+        )
+
     def stop(self) -> None:
-        """Flush everything committed, then end the writer thread."""
+        """Flush everything committed, then end the writer thread.
+
+        Raises ``STMError`` naming the store if the last flush failed: those
+        commits never reached the disk.
+        """
         self._stopping = True
         self._urgent.set()
         self._wake.set()
         self._thread.join()
+        if self._flushed < self._committed:
+            raise STMError(
+                f"{self._description} was closed with {self._committed - self._flushed} commit(s) it could not "
+                f"write to its database ({self._failure!r}); they are lost. Fix the database before using it again."
+            ) from self._failure
 
     # -- the writer thread ----------------------------------------------------
 
@@ -165,7 +185,7 @@ class WriteBehind:
             self._flushed_changed.notify_all()
 
     def _flush_until_done(self) -> None:
-        """The writer thread's flush: retried with backoff until it succeeds (or the store is stopping)."""
+        """The writer thread's flush: retried with backoff until it succeeds (or the store stops meanwhile)."""
         backoff = 0.05
         with self._flushed_changed:
             target = self._committed
@@ -177,7 +197,7 @@ class WriteBehind:
                     self._flush_holding_condition()
                 except Exception:  # the rows stay dirty; dropping them would break the prefix promise
                     if self._stopping and backoff > 1:
-                        raise
+                        return  # give up: stop() tells the caller what was lost
                     self._flushed_changed.wait(backoff)
                     backoff = min(backoff * 2, 2.0)
 
@@ -189,7 +209,7 @@ class WriteBehind:
                     self._urgent.clear()
                     if self._committed > self._flushed:
                         self._flush_until_done()
-                    if self._stopping and self._committed <= self._flushed:
+                    if self._stopping:  # flushed, or given up (stop() reports what was lost)
                         return
                 elif self._flushed < seen:
                     # Commits that waited a whole interval and nobody flushed: write them behind now.

@@ -224,3 +224,31 @@ def test_random_transfers_conserve_the_total(busy_switching):
 
     run_threads([lambda s=s: worker(s) for s in range(6)])
     assert sum(a.peek() for a in accounts) == 1000
+
+
+def test_a_callback_may_run_a_transaction_of_its_own_and_it_commits():
+    a, b = TVar(0), TVar(0)
+    nested_callback_ran = []
+
+    def second():
+        b.write(42)
+        after_commit(lambda: nested_callback_ran.append(b.peek()))
+
+    atomically(lambda: (a.write(1), after_commit(lambda: atomically(second))))
+    assert (a.peek(), b.peek()) == (1, 42)
+    assert nested_callback_ran == [42]
+
+
+def test_an_async_function_is_refused_with_a_clear_error():
+    async def not_a_transaction():
+        return 1
+
+    for run in (lambda: atomically(not_a_transaction), lambda: atomically(lambda: atomically(not_a_transaction))):
+        with pytest.raises(TypeError, match="async function.*aatomically"):
+            run()
+
+
+@pytest.mark.parametrize("timeout, error", [("1", TypeError), (True, TypeError), (-1, ValueError)])
+def test_a_bad_timeout_is_refused(timeout, error):
+    with pytest.raises(error, match="timeout"):
+        atomically(lambda: None, timeout=timeout)

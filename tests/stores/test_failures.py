@@ -1,0 +1,126 @@
+"""Durable stores when things go wrong: a database that refuses writes, closing under load, bad paths."""
+
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import djstm
+from djstm import TVar, atomically, or_else, retry
+from tests.stores.conftest import PROJECT
+
+REFUSE_UPDATES = "CREATE TRIGGER refuse BEFORE UPDATE ON djstm_dvar BEGIN SELECT RAISE(FAIL, 'disk says no'); END;"
+
+
+def _sql(path, script):
+    connection = sqlite3.connect(path)
+    connection.executescript(script)
+    connection.close()
+
+
+def test_a_failing_flush_raises_a_djstm_error_and_keeps_the_commit_for_later(store_path):
+    with djstm.with_store(store_path) as store:
+        v = store.dvar("n", 0)
+        store.sync()
+        _sql(store_path, REFUSE_UPDATES)
+        atomically(v.write, 1)
+        with pytest.raises(djstm.STMError, match=r"store 'default'.*could not write.*disk says no"):
+            store.sync()
+        with pytest.raises(djstm.STMError, match="could not write"):
+            atomically(v.write, 2, durable=True)
+        assert v.peek() == 2
+        _sql(store_path, "DROP TRIGGER refuse;")
+        store.sync()  # the rows were kept: they reach the disk once it accepts them
+    with djstm.with_store(store_path) as store:
+        assert store.dvar("n", 0).peek() == 2
+
+
+def test_closing_with_a_failing_flush_says_what_was_lost(store_path):
+    store = djstm.with_store(store_path)
+    v = store.dvar("n", 0)
+    store.sync()
+    _sql(store_path, REFUSE_UPDATES)
+    atomically(v.write, 1)
+    with pytest.raises(djstm.STMError, match=r"closed with 1 commit\(s\).*lost"):
+        store.close()
+    assert store.closed
+    _sql(store_path, "DROP TRIGGER refuse;")
+    with djstm.with_store(store_path) as again:  # the process lock was released all the same
+        assert again.dvar("n", 0).peek() == 0
+
+
+def test_closing_and_reopening_from_two_threads_loses_nothing(store_path):
+    def worker():
+        for _ in range(150):
+            with djstm.with_store(store_path) as store:
+                v = store.dvar("n", 0)
+                atomically(lambda: v.modify(lambda n: n + 1))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    with djstm.with_store(store_path) as store:
+        assert store.dvar("n", 0).peek() == 300
+        child = subprocess.run(
+            [sys.executable, "-c", "import sys, djstm\ndjstm.with_store(sys.argv[1])", str(store_path)],
+            env={"PYTHONPATH": str(PROJECT), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "StoreLocked" in child.stderr  # the process still holds its lock
+
+
+def test_a_rolled_back_write_to_a_closed_store_does_not_block_the_commit(store_path):
+    store = djstm.with_store(store_path)
+    old = store.dvar("x", 0)
+    store.close()
+    t = TVar(0)
+
+    def branch():
+        old.write(1)
+        retry()
+
+    atomically(lambda: or_else(branch, lambda: t.write(5)))
+    assert t.peek() == 5
+
+
+def test_a_closed_store_refuses_dvar_even_for_names_it_had(store_path):
+    store = djstm.with_store(store_path)
+    store.dvar("x", 0)
+    store.close()
+    with pytest.raises(djstm.StoreClosed):
+        store.dvar("x", 0)
+
+
+@pytest.mark.parametrize(
+    "make_path, complaint",
+    [
+        (lambda tmp: tmp / "missing" / "s.sqlite3", "does not exist"),
+        (lambda tmp: tmp, "is a directory"),
+        (lambda tmp: ":memory:", "file on disk"),
+    ],
+)
+def test_paths_that_cannot_hold_a_store_are_refused(tmp_path, make_path, complaint):
+    with pytest.raises(djstm.StoreUnavailable, match=complaint):
+        djstm.with_store(make_path(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_table_of_the_wrong_shape_is_store_corrupt_and_untouched(store_path):
+    _sql(store_path, "CREATE TABLE djstm_dvar (id INTEGER PRIMARY KEY, name TEXT);")
+    before = store_path.read_bytes()
+    with pytest.raises(djstm.StoreCorrupt, match="without the columns"):
+        djstm.with_store(store_path)
+    assert store_path.read_bytes() == before
+
+
+def test_a_missing_name_without_default_is_dvar_not_found(store_path):
+    with djstm.with_store(store_path) as store:
+        with pytest.raises(djstm.DVarNotFound, match="pass a default") as raised:
+            store.dvar("absent")
+        assert isinstance(raised.value, KeyError)
