@@ -22,6 +22,8 @@ __all__ = ["with_store", "MODES"]
 
 MODES = ("durable", "large", "distributed")
 
+# Keyed by (real path of the database file, store name): one store object per file and name, whichever
+# alias or spelling of the path opened it.
 _open_stores: dict[tuple[str, str], DurableStore] = {}
 _users: dict[DurableStore, int] = {}  # with_store uses not yet ended, per open store
 _registry_lock = threading.RLock()
@@ -29,8 +31,9 @@ _registry_lock = threading.RLock()
 
 def _forget(store: DurableStore) -> None:
     with _registry_lock:
-        if _open_stores.get((store.alias, store.name)) is store:
-            del _open_stores[(store.alias, store.name)]
+        for key, open_store in list(_open_stores.items()):
+            if open_store is store:
+                del _open_stores[key]
         _users.pop(store, None)
 
 
@@ -116,7 +119,8 @@ def with_store(
         database_file = connections[alias].settings_dict["NAME"]
 
     with _registry_lock:
-        store = _open_stores.get((alias, name))
+        key = (os.path.realpath(database_file), name)
+        store = _open_stores.get(key)
         if store is not None and not store.closed:
             _users[store] += 1
             return store
@@ -140,6 +144,6 @@ def with_store(
             on_close=closed,
             closing=_registry_lock,
         )
-        _open_stores[(alias, name)] = store
+        _open_stores[key] = store
         _users[store] = 1
         return store

@@ -431,3 +431,12 @@ def test_a_store_in_a_configured_django_database():
 
     record = DVarRecord.objects.using("stores").get(store="default", name="configured")
     assert (record.type_tag, record.value, record.version) == ("int", "2", 1)
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "stores"])
+def test_the_same_file_by_path_and_by_alias_is_one_store():
+    from django.db import connections
+
+    path = connections["stores"].settings_dict["NAME"]
+    with djstm.with_store(database="stores") as by_alias, djstm.with_store(path) as by_path:
+        assert by_path is by_alias
