@@ -62,10 +62,14 @@ def _deadline_for(timeout: float | None, entry: str) -> float | None:
     return time.monotonic() + timeout
 
 
+def _name_of(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", repr(fn))
+
+
 def _refuse_coroutine(fn: Callable[..., Any], result: Any, entry: str) -> None:
     if type(result) is types.CoroutineType:
         result.close()  # never awaited: close it so Python does not warn about it later
-        name = getattr(fn, "__qualname__", repr(fn))
+        name = _name_of(fn)
         raise TypeError(
             f"{entry}({name}): {name} is an async function; a transaction must be a plain function "
             "(it may run several times and cannot await). Use `def`, and `await djstm.aatomically(fn)` "
@@ -113,10 +117,9 @@ class _Run:
         return max(0.0, self.deadline - time.monotonic())
 
     def timed_out(self, watched: dict[Any, int] | None = None) -> Timeout:
-        name = getattr(self.fn, "__qualname__", repr(self.fn))
         where = f" while blocked in retry on {_describe_watched(watched)}" if watched else ""
         return Timeout(
-            f"{self.entry}({name}) did not finish within {self.timeout}s{where}; "
+            f"{self.entry}({_name_of(self.fn)}) did not finish within {self.timeout}s{where}; "
             "nothing it wrote was committed. Raise the timeout, or check that some "
             "other transaction will make the awaited change."
         )
@@ -168,9 +171,8 @@ class _Run:
         """Register a waiter on all ``tx`` (which retried) touched; None if something already changed."""
         watched = tx.watched()
         if not watched:
-            name = getattr(self.fn, "__qualname__", repr(self.fn))
             raise RetryWithNothingRead(
-                f"retry() was called in {self.entry}({name}) before the transaction read any variable, "
+                f"retry() was called in {self.entry}({_name_of(self.fn)}) before the transaction read any variable, "
                 "so no commit could ever wake it; read the variables your condition depends on first"
             )
         waiter = make_waiter()

@@ -4,6 +4,7 @@ import random
 import threading
 import time
 
+import djstm
 from djstm import TVar, atomically
 from djstm.stm.runner import ESCALATE_AFTER_CONFLICTS
 from tests.conftest import run_threads
@@ -106,3 +107,22 @@ def test_a_long_transaction_under_constant_conflicts_is_escalated_and_finishes()
             thread.join(5)
     assert total >= 0
     assert len(attempts) > ESCALATE_AFTER_CONFLICTS  # it really lost often enough to escalate
+
+
+def test_an_escalated_transactions_callback_can_commit_without_deadlock():
+    from djstm.stm.runner import _Run, _run_blocking
+
+    a, b = TVar(0), TVar(0)
+
+    def body():
+        a.write(1)
+        djstm.after_commit(lambda: atomically(lambda: b.write(2)))
+
+    # Start as if it had already lost often enough to be escalated.
+    finished = threading.Thread(
+        target=_run_blocking, args=(_Run(body, (), {}, None, False, conflicts=ESCALATE_AFTER_CONFLICTS),), daemon=True
+    )
+    finished.start()
+    finished.join(10)
+    assert not finished.is_alive(), "the callback's transaction waited on the escalation gate forever"
+    assert (a.peek(), b.peek()) == (1, 2)
