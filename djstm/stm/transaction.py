@@ -187,7 +187,14 @@ class Transaction:
             with escalation_gate:
                 pass
         stores = self.stores
-        with commit_lock:
+        if not commit_lock.acquire(False):
+            # The holder is a thread preempted mid-commit. Queueing behind it costs a context switch,
+            # and if what we read is already stale the wait is for nothing: re-run at once instead.
+            for tvar, version in self.reads.items():
+                if tvar._state[0] != version:
+                    raise _Conflict
+            commit_lock.acquire()
+        try:
             for tvar, version in self.reads.items():
                 if tvar._state[0] != version:
                     raise _Conflict
@@ -217,6 +224,8 @@ class Transaction:
             if self.callbacks:
                 self.callback_ticket = callback_order.take_ticket()
             clock[0] = new_version  # the linearization point: from here on others see this commit
+        finally:
+            commit_lock.release()
         if woken:
             for waiter in woken:
                 waiter.wake()
