@@ -10,11 +10,12 @@ How a commit works, and why each step is where it is:
 2. A read-only transaction commits without taking any lock: every read was
    consistent at ``read_version``, which is its serialization point.
 3. A writing transaction takes the global commit lock, revalidates its read
-   set, asks every store it wrote to whether it can accept the commit, then
-   installs the new states, hands the writes to their stores, and only *then*
-   publishes the new clock value. Publishing last means that a transaction
-   starting meanwhile sees the new states as "too new" and extends (which
-   waits for the lock) instead of mixing old and new values.
+   set, checks that no store it wrote to is closed, then installs the new
+   states, hands the write set to its stores, and only *then* publishes the
+   new clock value. Publishing last means that a transaction starting
+   meanwhile sees the new states as "too new" and extends (which waits for
+   the lock) instead of mixing old and new values. A transaction that finds
+   the lock taken and its reads already stale re-runs without queueing.
 
 Escalation: a transaction that keeps conflicting takes the *gate* before its
 next attempt. While the gate is held other transactions wait at their commit,

@@ -26,11 +26,13 @@ T = TypeVar("T")
 
 
 class DVar(TVar[T]):
-    """A typed, named transactional variable kept by a store (see ``Store.dvar``)."""
+    """A typed, named transactional variable kept by a store; get one with ``store.dvar(name, default)``."""
 
     __slots__ = ("_store", "name", "key", "codec", "type_tag", "row_version", "_mutable", "_dumps", "_loads")
 
-    def __init__(self, store: DurableStore, name: Name, key: str, codec: Codec, value: Any, text: str, row_version: int) -> None:
+    def __init__(
+        self, store: DurableStore, name: Name, key: str, codec: Codec, value: Any, text: str, row_version: int
+    ) -> None:
         super().__init__((value, text))
         self._store = store
         self.name = name  # as the program gave it: a str or a tuple
