@@ -53,7 +53,9 @@ def acquire_store_lease(database_file: str, store_name: str, where: str) -> Stor
             f"{where} is an in-memory SQLite database, which a durable store cannot write behind to; "
             "give the database a file NAME"
         )
-    sidecar = database_file + ".djstm-lock"
+    # Beside the real file, so that every spelling of its path (symlinks included) meets the same lock.
+    # Hard links to one store file are not recognised as one file.
+    sidecar = os.path.realpath(database_file) + ".djstm-lock"
     offset = _byte_for(store_name)
     with _sidecars_lock:
         fd, held = _sidecars.get(sidecar, (None, 0))

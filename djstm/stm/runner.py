@@ -25,6 +25,7 @@ from ._context import current
 from .transaction import (
     Transaction,
     _Conflict,
+    _Expired,
     _RetrySignal,
     callback_order,
     current_transaction,
@@ -138,7 +139,7 @@ class _Run:
             if escalated and not escalation_gate.acquire(timeout=-1 if self.deadline is None else self.remaining()):
                 raise self.timed_out()
             try:
-                tx = Transaction(escalated, self.durable)
+                tx = Transaction(escalated, self.durable, self.deadline)
                 current.tx = tx
                 try:
                     result = self.fn(*self.args, **self.kwargs)
@@ -146,6 +147,8 @@ class _Run:
                     if self.abandoned:
                         return _ABANDONED
                     receipts = tx.commit()
+                except _Expired:
+                    raise self.timed_out() from None
                 except _Conflict:
                     self.conflicts += 1
                     continue
@@ -235,12 +238,14 @@ def atomically(
         return _join(tx, fn, args, kwargs, durable)
     deadline = _deadline_for(timeout, "atomically")
     # The first attempt inline: most transactions commit on it, so they skip the retry machinery.
-    tx = current.tx = Transaction(False, durable)
+    tx = current.tx = Transaction(False, durable, deadline)
     try:
         result = fn(*args, **kwargs)
         if type(result) is types.CoroutineType:
             _refuse_coroutine(fn, result, "atomically")
         receipts = tx.commit()
+    except _Expired:
+        raise _Run(fn, args, kwargs, timeout, durable, deadline).timed_out() from None
     except _Conflict:
         retried, conflicts = None, 1
     except _RetrySignal:

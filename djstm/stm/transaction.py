@@ -25,6 +25,7 @@ so the escalated one runs against a quiet world and finishes (no starvation).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from ..errors import NoTransaction, StoreClosed
@@ -56,6 +57,10 @@ class _RetrySignal(BaseException):
     """Internal: ``retry()`` was called; abort and block until something read changes."""
 
 
+class _Expired(BaseException):
+    """Internal: the transaction's deadline passed while it waited to commit; nothing was committed."""
+
+
 class Transaction:
     """One attempt of an ``atomically`` block: what it read, what it wrote, what to run after."""
 
@@ -71,9 +76,10 @@ class Transaction:
         "escalated",
         "callback_ticket",
         "stores",
+        "deadline",
     )
 
-    def __init__(self, escalated: bool = False, durable: bool = False) -> None:
+    def __init__(self, escalated: bool = False, durable: bool = False, deadline: float | None = None) -> None:
         self.read_version = clock[0]
         self.reads: dict[Any, int] = {}  # variable -> version seen
         self.writes: dict[Any, Any] = {}  # variable -> value to install
@@ -84,6 +90,7 @@ class Transaction:
         self._depth = 0
         self.callbacks: list[Any] | None = None
         self.durable = durable  # wait until enlisted stores have the commit on disk
+        self.deadline = deadline  # time.monotonic() past which waiting to commit raises _Expired
         self.escalated = escalated
         self.callback_ticket = -1
         # Stores whose variables were written (their variables' write adds them): they take part in commit.
@@ -184,9 +191,11 @@ class Transaction:
                     self.callback_ticket = callback_order.take_ticket()
             return []
         if escalation_gate.locked() and not self.escalated:
-            # An escalated transaction is running; let it finish first.
-            with escalation_gate:
-                pass
+            # An escalated transaction is running; let it finish first (within our deadline).
+            wait = -1 if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            if not escalation_gate.acquire(timeout=wait):
+                raise _Expired
+            escalation_gate.release()
         stores = self.stores
         if not commit_lock.acquire(False):
             # The holder is a thread preempted mid-commit. Queueing behind it costs a context switch,

@@ -39,7 +39,9 @@ def _forget(store: DurableStore) -> None:
 
 def _release(store: DurableStore) -> None:
     with _registry_lock:  # held while closing: with_store waits rather than reopen a half-closed store
-        _users[store] = _users.get(store, 1) - 1
+        if store not in _users:  # already closed
+            return
+        _users[store] -= 1
         if _users[store] <= 0:
             store.close()
 

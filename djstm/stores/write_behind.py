@@ -106,6 +106,11 @@ class WriteBehind:
             commit = self._committed
         if self._flushed >= commit:
             return
+        if self._stopping:  # a closed store never writes again: its lock is gone
+            raise STMError(
+                f"{self._description} is closed and {self._committed - self._flushed} commit(s) never reached "
+                "its database; they are lost. Reopen the store to go on."
+            ) from self._failure
         may_flush = self._can_write_here()
         if not may_flush:
             self._urgent.set()  # inside the caller's database transaction: only the writer thread can flush
@@ -142,6 +147,8 @@ class WriteBehind:
         self._urgent.set()
         self._wake.set()
         self._thread.join()
+        with commit_lock:
+            self._dirty = {}  # what could not be written stays unwritten: the store's lock is released next
         if self._flushed < self._committed:
             raise STMError(
                 f"{self._description} was closed with {self._committed - self._flushed} commit(s) it could not "

@@ -4,6 +4,8 @@ import random
 import threading
 import time
 
+import pytest
+
 import djstm
 from djstm import TVar, atomically
 from djstm.stm.runner import ESCALATE_AFTER_CONFLICTS
@@ -126,3 +128,29 @@ def test_an_escalated_transactions_callback_can_commit_without_deadlock():
     finished.join(10)
     assert not finished.is_alive(), "the callback's transaction waited on the escalation gate forever"
     assert (a.peek(), b.peek()) == (1, 2)
+
+
+def test_timeout_bounds_the_wait_behind_an_escalated_transaction():
+    from djstm.stm.runner import _Run, _run_blocking
+
+    slow, other = TVar(0), TVar(0)
+    inside = threading.Event()
+
+    def long_escalated():
+        slow.write(1)
+        inside.set()
+        time.sleep(1.0)
+
+    escalated = threading.Thread(
+        target=_run_blocking, args=(_Run(long_escalated, (), {}, None, False, conflicts=ESCALATE_AFTER_CONFLICTS),)
+    )
+    escalated.start()
+    try:
+        assert inside.wait(5)
+        started = time.monotonic()
+        with pytest.raises(djstm.Timeout):
+            atomically(lambda: other.write(1), timeout=0.1)
+        assert time.monotonic() - started < 0.9
+        assert other.peek() == 0
+    finally:
+        escalated.join(10)

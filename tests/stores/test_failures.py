@@ -124,3 +124,36 @@ def test_a_missing_name_without_default_is_dvar_not_found(store_path):
         with pytest.raises(djstm.DVarNotFound, match="pass a default") as raised:
             store.dvar("absent")
         assert isinstance(raised.value, KeyError)
+
+
+def test_a_closed_store_never_writes_again(store_path):
+    old = djstm.with_store(store_path)
+    x = old.dvar("x", 0)
+    old.sync()
+    _sql(store_path, REFUSE_UPDATES)
+    atomically(x.write, 1)
+    with pytest.raises(djstm.STMError, match="lost"):
+        old.close()
+    _sql(store_path, "DROP TRIGGER refuse;")
+    with djstm.with_store(store_path) as new:
+        atomically(new.dvar("x").write, 100)
+        new.sync()
+        with pytest.raises(djstm.STMError, match="is closed"):
+            old.sync()  # must not flush its leftovers over the new store's commits
+        assert new.dvar("x").peek() == 100
+    with djstm.with_store(store_path) as again:
+        assert again.dvar("x").peek() == 100
+
+
+def test_a_symlinked_file_name_meets_the_same_process_lock(store_path, tmp_path):
+    link = tmp_path / "link.sqlite3"
+    link.symlink_to(store_path)
+    with djstm.with_store(store_path):
+        child = subprocess.run(
+            [sys.executable, "-c", "import sys, djstm\ndjstm.with_store(sys.argv[1])", str(link)],
+            env={"PYTHONPATH": str(PROJECT), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert "StoreLocked" in child.stderr
