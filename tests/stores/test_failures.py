@@ -20,12 +20,19 @@ def _sql(path, script):
     connection.close()
 
 
+def _commit_that_the_disk_refuses(store_path):
+    """Open the store, make its database refuse updates, and commit ``n = 1``; return (store, the DVar)."""
+    store = djstm.with_store(store_path)
+    n = store.dvar("n", 0)
+    store.sync()
+    _sql(store_path, REFUSE_UPDATES)
+    atomically(n.write, 1)
+    return store, n
+
+
 def test_a_failing_flush_raises_a_djstm_error_and_keeps_the_commit_for_later(store_path):
-    with djstm.with_store(store_path) as store:
-        v = store.dvar("n", 0)
-        store.sync()
-        _sql(store_path, REFUSE_UPDATES)
-        atomically(v.write, 1)
+    store, v = _commit_that_the_disk_refuses(store_path)
+    with store:
         with pytest.raises(djstm.STMError, match=r"store 'default'.*could not write.*disk says no"):
             store.sync()
         with pytest.raises(djstm.STMError, match="could not write"):
@@ -38,11 +45,7 @@ def test_a_failing_flush_raises_a_djstm_error_and_keeps_the_commit_for_later(sto
 
 
 def test_closing_with_a_failing_flush_says_what_was_lost(store_path):
-    store = djstm.with_store(store_path)
-    v = store.dvar("n", 0)
-    store.sync()
-    _sql(store_path, REFUSE_UPDATES)
-    atomically(v.write, 1)
+    store, _ = _commit_that_the_disk_refuses(store_path)
     with pytest.raises(djstm.STMError, match=r"closed with 1 commit\(s\).*lost"):
         store.close()
     assert store.closed
@@ -127,22 +130,18 @@ def test_a_missing_name_without_default_is_dvar_not_found(store_path):
 
 
 def test_a_closed_store_never_writes_again(store_path):
-    old = djstm.with_store(store_path)
-    x = old.dvar("x", 0)
-    old.sync()
-    _sql(store_path, REFUSE_UPDATES)
-    atomically(x.write, 1)
+    old, _ = _commit_that_the_disk_refuses(store_path)
     with pytest.raises(djstm.STMError, match="lost"):
         old.close()
     _sql(store_path, "DROP TRIGGER refuse;")
     with djstm.with_store(store_path) as new:
-        atomically(new.dvar("x").write, 100)
+        atomically(new.dvar("n").write, 100)
         new.sync()
         with pytest.raises(djstm.STMError, match="is closed"):
             old.sync()  # must not flush its leftovers over the new store's commits
-        assert new.dvar("x").peek() == 100
+        assert new.dvar("n").peek() == 100
     with djstm.with_store(store_path) as again:
-        assert again.dvar("x").peek() == 100
+        assert again.dvar("n").peek() == 100
 
 
 def test_a_symlinked_file_name_meets_the_same_process_lock(store_path, tmp_path):
