@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
-from ..errors import RetryWithNothingRead, STMError, Timeout
+from ..errors import RetryWithNothingRead, STMError, StoreClosed, Timeout
 from ._context import current
 from .transaction import (
     Transaction,
@@ -76,6 +76,17 @@ def _refuse_coroutine(fn: Callable[..., Any], result: Any, entry: str) -> None:
             "(it may run several times and cannot await). Use `def`, and `await djstm.aatomically(fn)` "
             "to run it from async code."
         )
+
+
+def _refuse_waiting_in_event_loop() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise STMError(
+        "atomically(..., durable=True) was called in a coroutine, where waiting for the disk would block "
+        "the event loop; use `await djstm.aatomically(fn, durable=True)`"
+    )
 
 
 def _describe_watched(watched: dict[Any, int]) -> str:
@@ -173,6 +184,13 @@ class _Run:
     def block(self, tx: Transaction, make_waiter: Callable[[], Any]) -> tuple[Any, dict[Any, int]] | None:
         """Register a waiter on all ``tx`` (which retried) touched; None if something already changed."""
         watched = tx.watched()
+        for tvar in watched:
+            store = tvar._store
+            if store is not None and store.closed:  # nothing will ever change it again
+                raise StoreClosed(
+                    f"{self.entry}({_name_of(self.fn)}) waits for {tvar._describe()}, whose store is closed, "
+                    "so it would never wake; open the store again (djstm.with_store) and use its DVars"
+                )
         if not watched:
             raise RetryWithNothingRead(
                 f"retry() was called in {self.entry}({_name_of(self.fn)}) before the transaction read any variable, "
@@ -236,6 +254,8 @@ def atomically(
     tx = current.tx
     if tx is not None:
         return _join(tx, fn, args, kwargs, durable)
+    if durable:
+        _refuse_waiting_in_event_loop()
     deadline = _deadline_for(timeout, "atomically")
     # The first attempt inline: most transactions commit on it, so they skip the retry machinery.
     tx = current.tx = Transaction(False, durable, deadline)

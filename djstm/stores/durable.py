@@ -16,6 +16,7 @@ that writes one raises ``StoreClosed`` and commits nothing.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from django.db import connections
 
 from ..backends.rows import commits_independently, fold_log_into_file, load_row, upsert_rows
 from ..codecs import Codec, codec_for, codec_from_tag
-from ..errors import DVarDecodeError, DVarNotFound, DVarTypeError, StoreClosed
+from ..errors import DVarDecodeError, DVarNotFound, DVarTypeError, STMError, StoreClosed
 from ..names import Name, canonical_name
 from ..stm.transaction import commit_lock
 from .dvar import DVar
@@ -39,6 +40,18 @@ class _Missing:
 
 
 MISSING: Any = _Missing()
+
+
+def _refuse_in_event_loop(what: str) -> None:
+    """Django forbids database work in a coroutine; say so in djstm's words, with the way out."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise STMError(
+        f"{what} touches the database, which cannot be done directly in a coroutine; do it inside "
+        "`await djstm.aatomically(...)`, or wrap it with asgiref's sync_to_async"
+    )
 
 
 class DurableStore:
@@ -119,6 +132,7 @@ class DurableStore:
         )
 
     def _load_or_create(self, name: Name, key: str, default: Any, type: Any) -> DVar[Any]:
+        _refuse_in_event_loop(f"store.dvar({name!r}) (a DVar not loaded yet)")
         row = load_row(self.alias, self.name, key)
         if row is None:
             if default is MISSING:
@@ -160,6 +174,7 @@ class DurableStore:
 
     def sync(self) -> None:
         """Return once everything committed to this store so far is on disk."""
+        _refuse_in_event_loop("store.sync()")
         self._writer.wait_flushed()
 
     def release(self) -> None:
@@ -176,6 +191,10 @@ class DurableStore:
                 return
             with commit_lock:  # no commit may slip in between the last flush and the close
                 self.closed = True
+                # Transactions blocked in retry on our DVars would never wake: wake them so they raise StoreClosed.
+                waiters = [waiter for dvar in self._dvars.values() for waiter in dvar._waiters]
+            for waiter in waiters:
+                waiter.wake()
             try:
                 self._writer.stop()
             finally:

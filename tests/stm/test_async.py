@@ -84,3 +84,14 @@ def test_aatomically_inside_a_transaction_is_refused():
 
     with pytest.raises(djstm.STMError, match="atomically"):
         atomically(body)
+
+
+def test_durable_atomically_called_directly_in_a_coroutine_is_refused_before_committing():
+    v = TVar(0)
+
+    async def main():
+        atomically(lambda: v.write(1), durable=True)
+
+    with pytest.raises(djstm.STMError, match="aatomically"):
+        asyncio.run(main())
+    assert v.peek() == 0

@@ -156,3 +156,43 @@ def test_a_symlinked_file_name_meets_the_same_process_lock(store_path, tmp_path)
             timeout=60,
         )
     assert "StoreLocked" in child.stderr
+
+
+def test_closing_a_store_ends_transactions_blocked_on_its_dvars(store_path):
+    store = djstm.with_store(store_path)
+    flag = store.dvar("flag", False)
+    outcome = []
+
+    def wait_for_flag():
+        try:
+            atomically(lambda: djstm.check(flag.read()), timeout=20)
+        except BaseException as error:
+            outcome.append(error)
+
+    waiter = threading.Thread(target=wait_for_flag)
+    waiter.start()
+    from tests.conftest import wait_until
+
+    wait_until(lambda: flag._waiters, what="the transaction to block on flag")
+    store.close()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], djstm.StoreClosed), outcome
+    assert "store is closed" in str(outcome[0])
+    assert not flag._waiters
+
+
+def test_database_work_called_directly_in_a_coroutine_gets_a_djstm_error(store_path):
+    import asyncio
+
+    with djstm.with_store(store_path) as store:
+        loaded = store.dvar("loaded", 1)
+
+        async def main():
+            assert store.dvar("loaded") is loaded  # already in memory: fine anywhere
+            for call in (store.sync, lambda: store.dvar("new", 0)):
+                with pytest.raises(djstm.STMError, match="coroutine.*aatomically"):
+                    call()
+            return await djstm.aatomically(lambda: store.dvar("new", 0).read())  # the way out
+
+        assert asyncio.run(main()) == 0
