@@ -300,7 +300,7 @@ def test_typed_nested_and_union_values_round_trip(pairs, mixed, whens, decimals)
         (int | None, None), (int | None, 3), (list[int] | None, [1]), (bool | int, True), (bool | int, 1),
         (int | str, "1"), (int | str | None, None), (dict[str | None, int], {None: 1, "a": 2}),
         (list, [1, (2, 3), {4}, frozenset({5}), {"$tuple": [6]}, {7: 8}, b"9", Decimal("10.0")]),
-        (dict, {"$set": [1], "x": (1,)}), (dict, {1: "a", (2, 3): "b", None: "c", True: "d"}),
+        (dict, {"$set": [1], "x": (1,)}), (dict, {1: "a", (2, 3): "b", None: "c", False: "d"}),
         (typing.Optional[typing.Any], {"nested": [[], {}, ()]}),
     ],
     ids=lambda v: "huge-int" if type(v) is int and abs(v) > 10**100 else None,  # pytest would str() it

@@ -23,7 +23,6 @@ cannot flush (it would only write a savepoint) and leaves it to the writer.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
