@@ -34,6 +34,19 @@ def inspect_store_file(path: str) -> bool:
             "It was left untouched; open the store at another path."
         )
     uri = f"file:{urllib.parse.quote(path)}?mode=ro"
+    # SQLite may create the -wal/-shm companions even for a read-only look: remove any we caused on refusal.
+    companions = [path + suffix for suffix in ("-wal", "-shm")]
+    absent = [companion for companion in companions if not os.path.exists(companion)]
+    try:
+        return _inspect_sqlite(path, uri)
+    except StoreCorrupt:
+        for companion in absent:
+            if os.path.exists(companion):
+                os.remove(companion)
+        raise
+
+
+def _inspect_sqlite(path: str, uri: str) -> bool:
     try:
         connection = sqlite3.connect(uri, uri=True)
         try:

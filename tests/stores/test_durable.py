@@ -404,9 +404,11 @@ def test_a_damaged_store_raises_store_corrupt_and_is_left_untouched(store_path):
         data[offset + 8 : offset + 40] = b"\xff" * 32
     store_path.write_bytes(bytes(data))
     before = _fingerprint(store_path)
+    files_before = sorted(p.name for p in store_path.parent.iterdir())
     with pytest.raises(djstm.StoreCorrupt, match=f"{store_path} is damaged"):
         djstm.with_store(store_path)
     assert _fingerprint(store_path) == before
+    assert sorted(p.name for p in store_path.parent.iterdir()) == files_before  # no -wal/-shm left beside it
 
 
 def test_bad_arguments_are_explained(store_path):
