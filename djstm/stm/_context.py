@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 
@@ -12,3 +13,12 @@ class _ThreadState(threading.local):
 
 
 current = _ThreadState()
+
+
+def in_event_loop() -> bool:
+    """True in a thread that is running an asyncio event loop, where blocking would stall it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

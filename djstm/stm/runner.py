@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from ..errors import RetryWithNothingRead, STMError, StoreClosed, Timeout
-from ._context import current
+from ._context import current, in_event_loop
 from .transaction import (
     Transaction,
     _Conflict,
@@ -79,9 +79,7 @@ def _refuse_coroutine(fn: Callable[..., Any], result: Any, entry: str) -> None:
 
 
 def _refuse_waiting_in_event_loop() -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if not in_event_loop():
         return
     raise STMError(
         "atomically(..., durable=True) was called in a coroutine, where waiting for the disk would block "

@@ -16,7 +16,6 @@ that writes one raises ``StoreClosed`` and commits nothing.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +26,7 @@ from ..backends.rows import commits_independently, fold_log_into_file, load_row,
 from ..codecs import Codec, codec_for, codec_from_tag
 from ..errors import DVarDecodeError, DVarNotFound, DVarTypeError, STMError, StoreClosed
 from ..names import Name, canonical_name
+from ..stm._context import in_event_loop
 from ..stm.transaction import commit_lock
 from .dvar import DVar
 from .write_behind import WriteBehind
@@ -44,9 +44,7 @@ MISSING: Any = _Missing()
 
 def _refuse_in_event_loop(what: str) -> None:
     """Django forbids database work in a coroutine; say so in djstm's words, with the way out."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if not in_event_loop():
         return
     raise STMError(
         f"{what} touches the database, which cannot be done directly in a coroutine; do it inside "

@@ -85,17 +85,18 @@ class WriteBehind:
                 wrote = True
         if not wrote:  # its writes were all rolled back (or_else, a caught nested exception)
             return None
-        self._committed += 1
-        if self._idle:
-            self._wake.set()
-        return self._committed
+        return self._count_commit()
 
     def accept_creation(self, dvar: Any, text: str) -> None:
         """Record a new variable's first row; the caller holds the commit lock."""
         self._dirty[dvar] = text
+        self._count_commit()
+
+    def _count_commit(self) -> int:
         self._committed += 1
-        if self._idle:
+        if self._idle:  # the writer sleeps until a commit arrives: this is one
             self._wake.set()
+        return self._committed
 
     # -- durability -----------------------------------------------------------
 

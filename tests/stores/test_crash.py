@@ -1,6 +1,5 @@
 """Semantics 8: after a SIGKILL at any instant, reopening shows a prefix of the committed transactions."""
 
-import os
 import random
 import signal
 import subprocess
@@ -8,18 +7,16 @@ import sys
 import time
 
 import djstm
-from tests.stores.conftest import PROJECT
+from tests.stores.conftest import PROJECT, plain_env
 
 KILLS = 24
 
 
 def _start_child(path):
-    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
-    env["PYTHONPATH"] = str(PROJECT)
     return subprocess.Popen(
         [sys.executable, "-m", "tests.stores.crash_child", str(path)],
         cwd=PROJECT,
-        env=env,
+        env=plain_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

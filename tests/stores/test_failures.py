@@ -1,15 +1,13 @@
 """Durable stores when things go wrong: a database that refuses writes, closing under load, bad paths."""
 
 import sqlite3
-import subprocess
-import sys
 import threading
 
 import pytest
 
 import djstm
 from djstm import TVar, atomically, or_else, retry
-from tests.stores.conftest import PROJECT
+from tests.stores.conftest import plain_python
 
 REFUSE_UPDATES = "CREATE TRIGGER refuse BEFORE UPDATE ON djstm_dvar BEGIN SELECT RAISE(FAIL, 'disk says no'); END;"
 
@@ -18,6 +16,10 @@ def _sql(path, script):
     connection = sqlite3.connect(path)
     connection.executescript(script)
     connection.close()
+
+
+def _open_in_another_process(path):
+    return plain_python("import sys, djstm\ndjstm.with_store(sys.argv[1])", path)
 
 
 def _commit_that_the_disk_refuses(store_path):
@@ -68,14 +70,7 @@ def test_closing_and_reopening_from_two_threads_loses_nothing(store_path):
         thread.join(60)
     with djstm.with_store(store_path) as store:
         assert store.dvar("n", 0).peek() == 300
-        child = subprocess.run(
-            [sys.executable, "-c", "import sys, djstm\ndjstm.with_store(sys.argv[1])", str(store_path)],
-            env={"PYTHONPATH": str(PROJECT), "PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert "StoreLocked" in child.stderr  # the process still holds its lock
+        assert "StoreLocked" in _open_in_another_process(store_path).stderr  # the process still holds its lock
 
 
 def test_a_rolled_back_write_to_a_closed_store_does_not_block_the_commit(store_path):
@@ -148,14 +143,7 @@ def test_a_symlinked_file_name_meets_the_same_process_lock(store_path, tmp_path)
     link = tmp_path / "link.sqlite3"
     link.symlink_to(store_path)
     with djstm.with_store(store_path):
-        child = subprocess.run(
-            [sys.executable, "-c", "import sys, djstm\ndjstm.with_store(sys.argv[1])", str(link)],
-            env={"PYTHONPATH": str(PROJECT), "PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert "StoreLocked" in child.stderr
+        assert "StoreLocked" in _open_in_another_process(link).stderr
 
 
 def test_closing_a_store_ends_transactions_blocked_on_its_dvars(store_path):
