@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+from urllib.parse import urlsplit
 
 SECRET_KEY = "djstm-tests-not-secret"
 DEBUG = False
@@ -57,6 +58,26 @@ DATABASES = {
     },
 }
 
+# Distributed stores: the PostgreSQL server and Redis that .ci/run starts (tests skip without them,
+# unless DJSTM_REQUIRE_SERVICES=1). Tests use store names of their own, so they share the database.
+_pg = urlsplit(os.environ.get("DJSTM_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
+DATABASES["distributed"] = {
+    "ENGINE": "django.db.backends.postgresql",
+    "NAME": _pg.path.lstrip("/") or "test",
+    "USER": _pg.username or "postgres",
+    "PASSWORD": _pg.password or "",
+    "HOST": _pg.hostname or "127.0.0.1",
+    "PORT": str(_pg.port or 5432),
+    "TEST": {"NAME": _pg.path.lstrip("/") or "test"},
+}
+
 STATIC_URL = "/static/"
-CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+CHANNEL_LAYERS = {
+    "default": {"BACKEND": "channels.layers.InMemoryChannelLayer"},
+    "djstm": {
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": [os.environ.get("DJSTM_REDIS_URL", "redis://127.0.0.1:6379/0")]},
+    },
+}
+DJSTM = {"CHANNEL_LAYER": "djstm"}
 BOARD_STORE_PATH = os.path.join(_scratch, "board.sqlite3")

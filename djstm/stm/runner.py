@@ -42,6 +42,7 @@ __all__ = [
     "after_commit",
     "transactional",
     "ESCALATE_AFTER_CONFLICTS",
+    "LOCK_MODES",
 ]
 
 P = ParamSpec("P")
@@ -51,6 +52,14 @@ R = TypeVar("R")
 ESCALATE_AFTER_CONFLICTS = 8
 
 _ABANDONED = (False, None)
+
+#: The values of ``atomically(lock=...)``; they matter only for transactions that touch a distributed store.
+LOCK_MODES = ("optimistic", "pessimistic", "auto")
+
+
+def _check_lock(lock: str | None, entry: str) -> None:
+    if lock is not None and lock not in LOCK_MODES:
+        raise ValueError(f"{entry}(lock={lock!r}): lock must be one of {', '.join(map(repr, LOCK_MODES))}")
 
 
 def _deadline_for(timeout: float | None, entry: str) -> float | None:
@@ -96,7 +105,19 @@ def _describe_watched(watched: dict[Any, int]) -> str:
 class _Run:
     """One call of ``atomically``: the function, its deadline, and how often it conflicted."""
 
-    __slots__ = ("fn", "args", "kwargs", "timeout", "deadline", "durable", "conflicts", "abandoned", "entry")
+    __slots__ = (
+        "fn",
+        "args",
+        "kwargs",
+        "timeout",
+        "deadline",
+        "durable",
+        "conflicts",
+        "abandoned",
+        "entry",
+        "lock",
+        "carry",
+    )
 
     def __init__(
         self,
@@ -108,6 +129,8 @@ class _Run:
         deadline: float | None = None,
         conflicts: int = 0,
         entry: str = "atomically",
+        lock: str | None = None,
+        carry: dict | None = None,
     ) -> None:
         self.fn = fn
         self.args = args
@@ -120,6 +143,8 @@ class _Run:
         self.durable = durable
         self.conflicts = conflicts
         self.abandoned = False  # set by a cancelled aatomically: do not commit
+        self.lock = lock
+        self.carry = {} if carry is None else carry  # passed from each attempt to the next
 
     def remaining(self) -> float | None:
         if self.deadline is None:
@@ -148,7 +173,7 @@ class _Run:
             if escalated and not escalation_gate.acquire(timeout=-1 if self.deadline is None else self.remaining()):
                 raise self.timed_out()
             try:
-                tx = Transaction(escalated, self.durable, self.deadline)
+                tx = Transaction(escalated, self.durable, self.deadline, self.lock, self.conflicts, self.carry)
                 current.tx = tx
                 try:
                     result = self.fn(*self.args, **self.kwargs)
@@ -167,6 +192,8 @@ class _Run:
                     committed = True
                 finally:
                     current.tx = None
+                    if tx.remote is not None:  # release what the attempt holds there (an open transaction)
+                        tx.remote.end()
             finally:
                 if escalated:
                     escalation_gate.release()
@@ -194,6 +221,8 @@ class _Run:
                 f"retry() was called in {self.entry}({_name_of(self.fn)}) before the transaction read any variable, "
                 "so no commit could ever wake it; read the variables your condition depends on first"
             )
+        if tx.remote is not None and not tx.remote.still_current(tx):
+            return None  # what the database holds differs from what was read: run again now
         waiter = make_waiter()
         return (waiter, watched) if register(waiter, watched) else None
 
@@ -239,24 +268,33 @@ def _run_blocking(run: _Run, retried: Transaction | None = None) -> Any:
 
 
 def atomically(
-    fn: Callable[P, R], *args: Any, timeout: float | None = None, durable: bool = False, **kwargs: Any
+    fn: Callable[P, R],
+    *args: Any,
+    timeout: float | None = None,
+    durable: bool = False,
+    lock: str | None = None,
+    **kwargs: Any,
 ) -> R:
     """Run ``fn(*args, **kwargs)`` as one transaction and return its result.
 
     ``timeout`` (seconds) bounds the whole call, blocking in ``retry``
     included, and raises :class:`~djstm.Timeout` with nothing committed.
     ``durable=True`` returns only once every store written to has the commit
-    on disk. Inside a transaction this joins it (a savepoint), and ``timeout``
-    applies to the outermost call only.
+    on disk. ``lock`` ("optimistic", "pessimistic" or "auto"; default: the
+    store's setting) chooses how a distributed store commits. Inside a
+    transaction this joins it (a savepoint), and ``timeout`` and ``lock``
+    apply to the outermost call only.
     """
     tx = current.tx
     if tx is not None:
         return _join(tx, fn, args, kwargs, durable)
     if durable:
         _refuse_waiting_in_event_loop()
+    if lock is not None:
+        _check_lock(lock, "atomically")
     deadline = _deadline_for(timeout, "atomically")
     # The first attempt inline: most transactions commit on it, so they skip the retry machinery.
-    tx = current.tx = Transaction(False, durable, deadline)
+    tx = current.tx = Transaction(False, durable, deadline, lock)
     try:
         result = fn(*args, **kwargs)
         if type(result) is types.CoroutineType:
@@ -272,12 +310,15 @@ def atomically(
         retried = conflicts = None
     finally:
         current.tx = None
+        if tx.remote is not None:
+            tx.remote.end()
     if conflicts is None:  # committed
         if receipts or tx.callbacks:
             return _after_commit(tx, receipts, result)
         return result
     # Conflicted or retried: go on with the full machinery (waiting, escalation, timeout).
-    return _run_blocking(_Run(fn, args, kwargs, timeout, durable, deadline, conflicts), retried)
+    run = _Run(fn, args, kwargs, timeout, durable, deadline, conflicts, lock=lock, carry=tx.carry)
+    return _run_blocking(run, retried)
 
 
 _executor: ThreadPoolExecutor | None = None
@@ -303,7 +344,12 @@ async def _outcome_despite_cancellation(job: asyncio.Future) -> tuple[bool, Any]
 
 
 async def aatomically(
-    fn: Callable[P, R], *args: Any, timeout: float | None = None, durable: bool = False, **kwargs: Any
+    fn: Callable[P, R],
+    *args: Any,
+    timeout: float | None = None,
+    durable: bool = False,
+    lock: str | None = None,
+    **kwargs: Any,
 ) -> R:
     """Async twin of :func:`atomically`: never blocks the event loop.
 
@@ -314,8 +360,9 @@ async def aatomically(
     """
     if current.tx is not None:
         raise STMError("aatomically() was awaited inside a transaction; call atomically() there to join it")
+    _check_lock(lock, "aatomically")
     loop = asyncio.get_running_loop()
-    run = _Run(fn, args, kwargs, timeout, durable, entry="aatomically")
+    run = _Run(fn, args, kwargs, timeout, durable, entry="aatomically", lock=lock)
     executor = _attempt_executor()
     while True:
         waiter = AsyncWaiter(loop)

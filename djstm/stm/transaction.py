@@ -77,9 +77,21 @@ class Transaction:
         "callback_ticket",
         "stores",
         "deadline",
+        "remote",
+        "lock",
+        "conflicts",
+        "carry",
     )
 
-    def __init__(self, escalated: bool = False, durable: bool = False, deadline: float | None = None) -> None:
+    def __init__(
+        self,
+        escalated: bool = False,
+        durable: bool = False,
+        deadline: float | None = None,
+        lock: str | None = None,
+        conflicts: int = 0,
+        carry: dict | None = None,
+    ) -> None:
         self.read_version = clock[0]
         self.reads: dict[Any, int] = {}  # variable -> version seen
         self.writes: dict[Any, Any] = {}  # variable -> value to install
@@ -95,6 +107,13 @@ class Transaction:
         self.callback_ticket = -1
         # Stores whose variables were written (their variables' write adds them): they take part in commit.
         self.stores: dict[Any, None] = {}
+        # The session of the one remote (database-backed) store this transaction touched, if any: it commits
+        # in the database first (see _commit_remote).
+        self.remote: Any = None
+        self.lock = lock  # the locking the caller asked for; None: the store's default
+        self.conflicts = conflicts  # how many earlier attempts of this atomically call conflicted
+        # What an aborted attempt leaves for the next one (e.g. rows to lock up front); keyed by its owner.
+        self.carry: dict = {} if carry is None else carry
 
     # -- reading and writing -------------------------------------------------
 
@@ -184,62 +203,158 @@ class Transaction:
         ``wait_durable`` if the transaction is durable; the waiters to wake
         are woken before returning.
         """
+        if self.remote is not None:
+            return self._commit_remote()
         writes = self.writes
         if not writes:
             if self.callbacks:
                 with commit_lock:
                     self.callback_ticket = callback_order.take_ticket()
             return []
-        if escalation_gate.locked() and not self.escalated:
-            # An escalated transaction is running; let it finish first (within our deadline).
-            wait = -1 if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-            if not escalation_gate.acquire(timeout=wait):
-                raise _Expired
-            escalation_gate.release()
+        self._wait_for_escalated()
         stores = self.stores
         if not commit_lock.acquire(False):
             # The holder is a thread preempted mid-commit. Queueing behind it costs a context switch,
             # and if what we read is already stale the wait is for nothing: re-run at once instead.
-            for tvar, version in self.reads.items():
-                if tvar._state[0] != version:
-                    raise _Conflict
+            self._check_reads()
             commit_lock.acquire()
         try:
-            for tvar, version in self.reads.items():
-                if tvar._state[0] != version:
-                    raise _Conflict
+            self._check_reads()
             if stores:
-                for store in stores:
-                    # Refuse before anything changed, unless this store's writes were all rolled back.
-                    if store.closed and any(tvar._store is store for tvar in writes):
-                        raise StoreClosed(
-                            f"store {store.name!r} was closed before this transaction could commit, so nothing "
-                            "was committed; open the store again (djstm.with_store) and use its DVars"
-                        )
-            new_version = clock[0] + 1
-            woken: dict[Any, None] | None = None
-            for tvar, value in writes.items():
-                tvar._state = (new_version, value)
-                if tvar._waiters:
-                    if woken is None:
-                        woken = {}
-                    woken.update(tvar._waiters)
-            receipts = []
-            if stores:
-                if self.durable:
-                    receipts = [(store, store.accept_commit(writes)) for store in stores]
-                else:
-                    for store in stores:
-                        store.accept_commit(writes)
-            if self.callbacks:
-                self.callback_ticket = callback_order.take_ticket()
-            clock[0] = new_version  # the linearization point: from here on others see this commit
+                self._refuse_closed_stores()
+            receipts, woken = self._install(None)
         finally:
             commit_lock.release()
         if woken:
             for waiter in woken:
                 waiter.wake()
         return receipts
+
+    def _wait_for_escalated(self) -> None:
+        if escalation_gate.locked() and not self.escalated:
+            # An escalated transaction is running; let it finish first (within our deadline).
+            wait = -1 if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            if not escalation_gate.acquire(timeout=wait):
+                raise _Expired
+            escalation_gate.release()
+
+    def _check_reads(self) -> None:
+        for tvar, version in self.reads.items():
+            if tvar._state[0] != version:
+                raise _Conflict
+
+    def _refuse_closed_stores(self) -> None:
+        writes = self.writes
+        for store in self.stores:
+            # Refuse before anything changed, unless this store's writes were all rolled back.
+            if store.closed and any(tvar._store is store for tvar in writes):
+                raise StoreClosed(
+                    f"store {store.name!r} was closed before this transaction could commit, so nothing "
+                    "was committed; open the store again (djstm.with_store) and use its DVars"
+                )
+
+    def _install(self, remote: Any) -> tuple[list[tuple[Any, Any]], dict[Any, None] | None]:
+        """Install the writes, hand them to the stores, publish the clock. Commit lock held.
+
+        Writes to ``remote``'s variables are left to ``remote.install``, which
+        knows their database versions. Returns the durability receipts and
+        the waiters to wake once the lock is released.
+        """
+        writes = self.writes
+        stores = self.stores
+        new_version = clock[0] + 1
+        woken: dict[Any, None] | None = None
+        remote_store = None if remote is None else remote.store
+        for tvar, value in writes.items():
+            if tvar._store is remote_store and remote is not None:
+                continue
+            tvar._state = (new_version, value)
+            if tvar._waiters:
+                if woken is None:
+                    woken = {}
+                woken.update(tvar._waiters)
+        if remote is not None:
+            for tvar in remote.install(new_version):
+                if tvar._waiters:
+                    if woken is None:
+                        woken = {}
+                    woken.update(tvar._waiters)
+        receipts = []
+        if stores:
+            if self.durable:
+                receipts = [(store, store.accept_commit(writes)) for store in stores]
+            else:
+                for store in stores:
+                    store.accept_commit(writes)
+        if self.callbacks:
+            self.callback_ticket = callback_order.take_ticket()
+        if writes:
+            clock[0] = new_version  # the linearization point: from here on others see this commit
+        return receipts, woken
+
+    def _commit_remote(self) -> list[tuple[Any, Any]]:
+        """Commit a transaction that touched a remote (database) store: the database decides first.
+
+        ``remote.commit(tx)`` writes in the database (or, read-only, validates
+        there) and raises ``_Conflict`` if what was read is stale there; only
+        then are the new states installed here. If the transaction touched
+        local variables too, the database commit runs under the commit lock,
+        between validating the local reads and installing, so both parts
+        commit or neither does. ``remote.commit`` returns False when it
+        deferred the commit to a surrounding database transaction; it then
+        installs, and runs the callbacks, itself once that commits.
+        """
+        remote = self.remote
+        if self.writes:
+            self._wait_for_escalated()
+        if not self._touches_local(remote.store):
+            self._check_reads()  # a stale cached read fails here, without a round trip
+            if not remote.commit(self):
+                return []
+            with commit_lock:
+                receipts, woken = self._install(remote)
+        else:
+            with commit_lock:
+                self._check_reads()
+                if self.stores:
+                    self._refuse_closed_stores()
+                if not remote.commit(self):
+                    return []
+                receipts, woken = self._install(remote)
+        if woken:
+            for waiter in woken:
+                waiter.wake()
+        return receipts
+
+    def _touches_local(self, remote_store: Any) -> bool:
+        if self.stores:
+            return True
+        for tvar in self.writes:
+            if tvar._store is not remote_store:
+                return True
+        for tvar in self.reads:
+            if tvar._store is not remote_store:
+                return True
+        return False
+
+
+def refresh(apply: Any) -> None:
+    """Install states committed elsewhere (a cache refreshed from a database) as one local commit.
+
+    ``apply(new_version)`` runs under the commit lock, replaces the states it
+    must (with ``new_version`` as their version) and returns the variables it
+    changed; if there are any, the clock moves to ``new_version`` and their
+    waiters wake. Transactions that read an older state conflict, as with any commit.
+    """
+    with commit_lock:
+        new_version = clock[0] + 1
+        changed = apply(new_version)
+        if not changed:
+            return
+        clock[0] = new_version
+        waiters = [waiter for tvar in changed for waiter in tvar._waiters]
+    for waiter in waiters:
+        waiter.wake()
 
 
 def current_transaction(operation: str) -> Transaction:

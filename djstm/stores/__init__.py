@@ -16,15 +16,16 @@ from ..errors import STMError, StoreUnavailable
 from ..names import check_store_name
 
 if TYPE_CHECKING:
+    from .distributed import DistributedStore
     from .durable import DurableStore
 
 __all__ = ["with_store", "MODES"]
 
 MODES = ("durable", "large", "distributed")
 
-# Keyed by (real path of the database file, store name): one store object per file and name, whichever
-# alias or spelling of the path opened it.
-_open_stores: dict[tuple[str, str], DurableStore] = {}
+# Keyed by (real path of the database file, store name) for durable stores, by (database identity, store
+# name) for distributed ones: one store object per database and name, whichever alias opened it.
+_open_stores: dict[tuple[str, str], DurableStore | DistributedStore] = {}
 _users: dict[DurableStore, int] = {}  # with_store uses not yet ended, per open store
 _registry_lock = threading.RLock()
 
@@ -75,19 +76,34 @@ def with_store(
     database: str | None = None,
     mode: str = "durable",
     name: str = "default",
-) -> DurableStore:
+    lock: str | None = None,
+    poll_interval: float | None = None,
+) -> DurableStore | DistributedStore:
     """Open store ``name`` in the SQLite file ``path`` or the Django database ``database``.
 
     Use it as a context manager (the store is flushed and closed when the
     block ends) or keep the returned store open until the process exits.
     A file that does not exist is created; one that is not a djstm store
-    raises ``StoreCorrupt`` and is left untouched.
+    raises ``StoreCorrupt`` and is left untouched. ``mode="distributed"``
+    opens a store on a PostgreSQL alias that any number of processes share;
+    ``lock`` (its default locking) and ``poll_interval`` (seconds between
+    re-checks of rows that blocked transactions wait on) apply to it, and
+    default to ``settings.DJSTM``.
     """
     if (path is None) == (database is None):
         raise TypeError("with_store() takes either a file path or database=ALIAS, not both or neither")
     check_store_name(name)
     if mode not in MODES:
         raise ValueError(f"with_store(mode={mode!r}): mode must be one of {', '.join(map(repr, MODES))}")
+    if mode == "distributed":
+        if database is None:
+            raise TypeError(
+                'with_store(mode="distributed") keeps DVars in a PostgreSQL database that many processes share; '
+                "pass database=ALIAS (a key of settings.DATABASES) instead of a file path"
+            )
+        return _open_distributed(database, name, lock, poll_interval)
+    if lock is not None or poll_interval is not None:
+        raise TypeError(f'with_store(mode={mode!r}): lock= and poll_interval= apply to mode="distributed" only')
     if mode != "durable":
         raise STMError(f'with_store(mode={mode!r}) is not available in this version of djstm; use mode="durable"')
 
@@ -106,11 +122,7 @@ def with_store(
         inspect_store_file(database_file)
         where, create = database_file, True
     else:
-        if database not in connections.settings:
-            known = ", ".join(map(repr, connections.settings)) or "none"
-            raise StoreUnavailable(
-                f"with_store(database={database!r}): no such alias in settings.DATABASES (known: {known})"
-            )
+        _known_alias(database)
         alias, where, create = database, describe_database(database), False
         vendor = connections[alias].vendor
         if vendor != "sqlite":
@@ -144,6 +156,64 @@ def with_store(
             owns_database=create,
             release=_release,
             on_close=closed,
+            closing=_registry_lock,
+        )
+        _open_stores[key] = store
+        _users[store] = 1
+        return store
+
+
+def _known_alias(database: str) -> None:
+    from django.db import connections
+
+    if database not in connections.settings:
+        known = ", ".join(map(repr, connections.settings)) or "none"
+        raise StoreUnavailable(f"with_store(database={database!r}): no such alias in settings.DATABASES (known: {known})")
+
+
+def _open_distributed(database: str, name: str, lock: str | None, poll_interval: float | None) -> DistributedStore:
+    from ..backends.connections import describe_database, ensure_django
+    from ..backends.postgres import check_can_serve
+    from ..conf import djstm_setting
+    from ..notify import change_feed, store_group
+    from ..stm.runner import LOCK_MODES
+    from .distributed import DistributedStore
+
+    ensure_django()
+    from django.db import connections
+
+    lock = djstm_setting("LOCK") if lock is None else lock
+    if lock not in LOCK_MODES:
+        raise ValueError(f"with_store(lock={lock!r}): lock must be one of {', '.join(map(repr, LOCK_MODES))}")
+    poll_interval = djstm_setting("POLL_INTERVAL") if poll_interval is None else poll_interval
+    if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)) or poll_interval <= 0:
+        raise ValueError(f"with_store(poll_interval={poll_interval!r}): give a positive number of seconds")
+    _known_alias(database)
+    where = describe_database(database)
+    # The database's name identifies it across processes whatever alias or host spelling they use; two
+    # servers with equal names only share notifications, which costs a re-check, never a wrong value.
+    identity = connections.settings[database]["NAME"]
+    with _registry_lock:
+        key = (f"distributed:{identity}", name)
+        store = _open_stores.get(key)
+        if store is not None and not store.closed:
+            _users[store] += 1
+            return store
+        check_can_serve(database, where)
+        group = store_group(identity, name)
+        store = DistributedStore(
+            alias=database,
+            name=name,
+            where=where,
+            database=identity,
+            lock=lock,
+            poll_interval=float(poll_interval),
+            lock_timeout=float(djstm_setting("LOCK_TIMEOUT")),
+            database_retries=int(djstm_setting("DATABASE_RETRIES")),
+            feed=change_feed(djstm_setting("CHANNEL_LAYER")),
+            group=group,
+            release=_release,
+            on_close=_forget,
             closing=_registry_lock,
         )
         _open_stores[key] = store

@@ -1,0 +1,286 @@
+"""The SQL of distributed stores, on PostgreSQL: fetching, locking and committing DVar rows.
+
+Every function takes a Django database alias and issues its statements
+through that alias's connection in the calling thread, so each counts as one
+query in Django's query log and joins the caller's ``transaction.atomic()``
+when there is one. Statements that must run back to back (a ``BEGIN`` and the
+first lock, an ``UPDATE`` and its ``COMMIT``) travel together in one round trip:
+Django's default psycopg cursor binds parameters on the client, which lets
+several statements share one message.
+
+Rows are always locked in name order under the "C" collation, which is the
+order of Python's ``str`` comparison, so locks taken here and locks taken in
+the order a program touches names can never wait for each other in a cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
+from django.db import connections
+from django.db.utils import DatabaseError, IntegrityError, InterfaceError
+
+from ..errors import StoreUnavailable
+
+__all__ = [
+    "FetchedRow",
+    "TransientDatabaseError",
+    "check_can_serve",
+    "create_row",
+    "fetch_rows",
+    "commit_checked",
+    "begin_locked",
+    "lock_rows",
+    "commit_locked",
+    "rollback",
+    "in_callers_transaction",
+]
+
+
+class FetchedRow(NamedTuple):
+    """A row as seen in one snapshot; ``value`` is None when the caller already had this ``version``."""
+
+    name: str
+    version: int | None  # None: there is no such row (any more)
+    type_tag: str | None
+    value: str | None
+
+
+class TransientDatabaseError(Exception):
+    """A failure worth re-running the transaction for: a lock wait that timed out, a deadlock, a
+    serialization failure, a dropped connection. Nothing was committed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# SQLSTATEs after which the same transaction, run again, can succeed.
+_TRANSIENT_STATES = {
+    "40001": "a serialization failure",
+    "40P01": "a deadlock reported by the database",
+    "55P03": "a row lock that could not be had in time",
+    "57014": "a statement cancelled by the server",
+}
+
+
+def _transient(error: DatabaseError) -> TransientDatabaseError | None:
+    cause = error.__cause__
+    state = getattr(cause, "sqlstate", None)
+    if state in _TRANSIENT_STATES:
+        return TransientDatabaseError(_TRANSIENT_STATES[state])
+    # Class 08 is a broken connection, 57P0x a server shutting down or restarting.
+    if isinstance(error, InterfaceError) or state is None or state.startswith(("08", "57P0")):
+        return TransientDatabaseError(f"a lost connection to the database ({error})")
+    return None
+
+
+@contextmanager
+def _statement(alias: str) -> Iterator:
+    """A cursor on ``alias``; a failure that re-running can fix becomes ``TransientDatabaseError``."""
+    connection = connections[alias]
+    try:
+        with connection.cursor() as cursor:
+            yield cursor
+    except IntegrityError:
+        raise
+    except DatabaseError as error:
+        transient = _transient(error)
+        if transient is None:
+            raise
+        if not connection.in_atomic_block:
+            _discard_transaction(alias)
+        raise transient from error
+
+
+def _discard_transaction(alias: str) -> None:
+    """Leave the connection outside any transaction; close it if it is broken (Django reconnects later)."""
+    connection = connections[alias]
+    try:
+        if connection.connection is not None and not connection.connection.closed:
+            with connection.connection.cursor() as raw:
+                raw.execute("ROLLBACK")
+            return
+    except Exception:
+        pass
+    connection.close()
+
+
+def in_callers_transaction(alias: str) -> bool:
+    """True inside the caller's ``transaction.atomic()`` (or with autocommit off) on ``alias``."""
+    connection = connections[alias]
+    return connection.in_atomic_block or not connection.get_autocommit()
+
+
+def check_can_serve(alias: str, where: str) -> None:
+    """Refuse a database a distributed store cannot use, saying what to change."""
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        raise StoreUnavailable(
+            f"a distributed store needs PostgreSQL, and {where} is {connection.vendor}; point "
+            "database= at an alias whose ENGINE is django.db.backends.postgresql, or use "
+            'mode="durable" for a store used by one process'
+        )
+    if connection.settings_dict.get("OPTIONS", {}).get("server_side_binding") is True:
+        raise StoreUnavailable(
+            f"a distributed store sends a lock and its statement in one round trip, which needs "
+            f"client-side parameter binding; remove OPTIONS['server_side_binding'] from {where}"
+        )
+    if "djstm_dvar" not in connection.introspection.table_names():
+        raise StoreUnavailable(
+            f"{where} has no djstm_dvar table; run `python manage.py migrate djstm --database {alias}` first"
+        )
+
+
+_INSERT = (
+    "INSERT INTO djstm_dvar (store, name, type_tag, value, version, updated_at) "
+    "VALUES (%s, %s, %s, %s, 0, now()) ON CONFLICT (store, name) DO NOTHING RETURNING version"
+)
+_SELECT_ONE = "SELECT version, type_tag, value FROM djstm_dvar WHERE store = %s AND name = %s"
+
+
+def create_row(alias: str, store: str, name: str, type_tag: str, value: str) -> FetchedRow:
+    """Insert the row unless it exists, and return the row as stored (ours or the one that won a race).
+
+    Only a collision on (store, name) counts as a race; any other integrity error propagates.
+    """
+    with _statement(alias) as cursor:
+        cursor.execute(_SELECT_ONE, [store, name])
+        row = cursor.fetchone()
+        if row is None:
+            cursor.execute(_INSERT, [store, name, type_tag, value])
+            if cursor.fetchone() is not None:
+                return FetchedRow(name, 0, type_tag, value)
+            # Another process inserted it between our two statements: read theirs.
+            cursor.execute(_SELECT_ONE, [store, name])
+            row = cursor.fetchone()
+    version, stored_tag, stored_value = row
+    return FetchedRow(name, version, stored_tag, stored_value)
+
+
+# One snapshot of several rows; a value travels only if its version differs from the one the caller has.
+_FETCH = (
+    "SELECT w.name, d.version, d.type_tag, CASE WHEN d.version IS DISTINCT FROM w.known THEN d.value END "
+    "FROM unnest(%s::text[], %s::bigint[]) AS w(name, known) "
+    "LEFT JOIN djstm_dvar d ON d.store = %s AND d.name = w.name"
+)
+
+
+def _rows(cursor) -> list[FetchedRow]:
+    return [FetchedRow(*row) for row in cursor.fetchall()]
+
+
+def fetch_rows(alias: str, store: str, names: Sequence[str], known: Sequence[int]) -> list[FetchedRow]:
+    """Rows ``names`` of ``store`` in one snapshot, without locks; ``known[i]`` is the version held (-1: none)."""
+    with _statement(alias) as cursor:
+        cursor.execute(_FETCH, [list(names), list(known), store])
+        return _rows(cursor)
+
+
+def _lock_timeout(seconds: float) -> str:
+    return f"SET LOCAL lock_timeout = '{int(seconds * 1000)}ms'; "
+
+
+# The optimistic commit, in one statement: lock every row read or written in name order, check the
+# versions that were read, and write only if none changed. Rows only read are locked too, so no
+# concurrent commit can change them before this one (no write skew). Returns the stale rows ('s')
+# or the written rows with their new versions ('w').
+_COMMIT_CHECKED = (
+    "WITH w AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::boolean[], %s::text[]) "
+    "AS w(name, known, written, value)), "
+    "locked AS (SELECT d.name, d.version FROM djstm_dvar d JOIN w ON d.name = w.name "
+    'WHERE d.store = %s ORDER BY d.name COLLATE "C" FOR UPDATE OF d), '
+    "stale AS (SELECT w.name, l.version FROM w LEFT JOIN locked l ON l.name = w.name "
+    "WHERE l.name IS NULL OR (w.known >= 0 AND l.version <> w.known)), "
+    "written AS (UPDATE djstm_dvar d SET value = w.value, version = d.version + 1, updated_at = now() "
+    "FROM w WHERE d.store = %s AND d.name = w.name AND w.written AND NOT EXISTS (SELECT 1 FROM stale) "
+    "RETURNING d.name, d.version) "
+    "SELECT 's', name, version FROM stale UNION ALL SELECT 'w', name, version FROM written"
+)
+
+
+class CheckedCommit(NamedTuple):
+    stale: dict[str, int | None]  # name -> version now stored (None: no row); empty if committed
+    written: dict[str, int]  # name -> new version
+
+
+def commit_checked(
+    alias: str,
+    store: str,
+    names: Sequence[str],
+    known: Sequence[int],
+    written: Sequence[bool],
+    values: Sequence[str | None],
+    lock_timeout: float,
+) -> CheckedCommit:
+    """Commit (or, inside the caller's transaction, stage) the writes if every ``known`` version still holds.
+
+    ``known[i]`` is -1 for a row written without being read (no check).
+    """
+    params = [list(names), list(known), list(written), list(values), store, store]
+    joined = in_callers_transaction(alias)
+    with _statement(alias) as cursor:
+        if joined:
+            cursor.execute(_COMMIT_CHECKED, params)
+        else:
+            # Several statements in one message run as one implicit transaction, so SET LOCAL applies.
+            cursor.execute(_lock_timeout(lock_timeout) + _COMMIT_CHECKED, params)
+            cursor.nextset()
+        rows = cursor.fetchall()
+    stale = {name: version for kind, name, version in rows if kind == "s"}
+    return CheckedCommit(stale, {} if stale else {name: version for kind, name, version in rows if kind == "w"})
+
+
+_LOCK = (
+    "SELECT d.name, d.version, d.type_tag, CASE WHEN d.version IS DISTINCT FROM w.known THEN d.value END "
+    "FROM djstm_dvar d JOIN unnest(%s::text[], %s::bigint[]) AS w(name, known) ON d.name = w.name "
+    'WHERE d.store = %s ORDER BY d.name COLLATE "C" FOR UPDATE OF d'
+)
+
+
+def begin_locked(
+    alias: str, store: str, names: Sequence[str], known: Sequence[int], lock_timeout: float
+) -> list[FetchedRow]:
+    """Open a database transaction and lock rows ``names`` in name order, in one round trip."""
+    with _statement(alias) as cursor:
+        cursor.execute("BEGIN; " + _lock_timeout(lock_timeout) + _LOCK, [list(names), list(known), store])
+        cursor.nextset()
+        cursor.nextset()
+        return _rows(cursor)
+
+
+def lock_rows(alias: str, store: str, names: Sequence[str], known: Sequence[int]) -> list[FetchedRow]:
+    """In the open transaction, lock rows ``names`` in name order and return them."""
+    with _statement(alias) as cursor:
+        cursor.execute(_LOCK, [list(names), list(known), store])
+        return _rows(cursor)
+
+
+_WRITE_LOCKED = (
+    "UPDATE djstm_dvar d SET value = w.value, version = d.version + 1, updated_at = now() "
+    "FROM unnest(%s::text[], %s::text[]) AS w(name, value) "
+    "WHERE d.store = %s AND d.name = w.name RETURNING d.name, d.version"
+)
+
+
+def commit_locked(alias: str, store: str, names: Sequence[str], values: Sequence[str]) -> dict[str, int]:
+    """Write the locked rows and commit the open transaction, in one round trip; return the new versions."""
+    with _statement(alias) as cursor:
+        if names:
+            cursor.execute(_WRITE_LOCKED + "; COMMIT", [list(names), list(values), store])
+            written = {name: version for name, version in cursor.fetchall()}
+        else:
+            cursor.execute("COMMIT")
+            written = {}
+    return written
+
+
+def rollback(alias: str) -> None:
+    """End the open database transaction without committing (harmless if none is open)."""
+    try:
+        with _statement(alias) as cursor:
+            cursor.execute("ROLLBACK")
+    except TransientDatabaseError:
+        pass  # the connection broke: _statement already discarded the transaction with it

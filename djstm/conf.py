@@ -1,0 +1,30 @@
+"""djstm's settings: the ``DJSTM`` dict in Django settings, with defaults for every key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["DEFAULTS", "djstm_setting"]
+
+#: Every key ``settings.DJSTM`` may hold, with its default.
+DEFAULTS: dict[str, Any] = {
+    # The CHANNEL_LAYERS alias that carries change notifications between processes.
+    "CHANNEL_LAYER": "default",
+    # Seconds after which a transaction blocked in retry on distributed DVars re-checks the database,
+    # in case a notification was lost.
+    "POLL_INTERVAL": 2.0,
+    # How distributed stores commit unless atomically(lock=...) says otherwise.
+    "LOCK": "auto",
+    # Seconds a distributed commit waits for a row lock before it gives up and re-runs.
+    "LOCK_TIMEOUT": 5.0,
+    # How often a transaction is re-run after a database failure worth re-running before djstm gives up.
+    "DATABASE_RETRIES": 5,
+}
+
+
+def djstm_setting(key: str) -> Any:
+    """The value of ``settings.DJSTM[key]``, or its default."""
+    from django.conf import settings
+
+    configured = getattr(settings, "DJSTM", None) or {}
+    return configured.get(key, DEFAULTS[key])

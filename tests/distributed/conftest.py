@@ -1,0 +1,58 @@
+"""Distributed stores against the real PostgreSQL and Redis (see tests/services.py for when they skip)."""
+
+import uuid
+
+import pytest
+from django.core.management import call_command
+from django.db import connections
+
+import djstm
+from tests.services import require_postgres
+
+ALIAS = "distributed"
+
+
+@pytest.fixture(scope="session")
+def _distributed_schema(django_db_blocker):
+    require_postgres()
+    with django_db_blocker.unblock():
+        call_command("migrate", "djstm", database=ALIAS, verbosity=0)
+
+
+@pytest.fixture(autouse=True)
+def _database_allowed(_distributed_schema, django_db_blocker):
+    """These tests use the database as a program would: no test database, stores with names of their own."""
+    with django_db_blocker.unblock():
+        yield
+        connections[ALIAS].close()
+
+
+@pytest.fixture
+def store_name():
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def open_store(store_name):
+    """Open distributed stores in this test (``open_store(**kwargs)``); all are closed afterwards."""
+    opened = []
+
+    def open_(name=None, **kwargs):
+        store = djstm.with_store(database=ALIAS, mode="distributed", name=name or store_name, **kwargs)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+def run_sql(sql, params=()):
+    """Run ``sql`` on its own connection, as another program (or a person at psql) would."""
+    import psycopg
+
+    from tests.services import require_postgres
+
+    with psycopg.connect(require_postgres(), autocommit=True) as connection:
+        cursor = connection.execute(sql, params)
+        return cursor.fetchall() if cursor.description else None
