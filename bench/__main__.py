@@ -6,9 +6,9 @@ ratio with its goal; nothing here asserts, since shared machines are noisy.
 
 import sys
 
-from . import durable, engine
+from . import distributed, durable, engine
 
-SUITES = {"engine": engine, "durable": durable}
+SUITES = {"engine": engine, "durable": durable, "distributed": distributed}
 
 
 def main(names: list[str]) -> None:

@@ -18,7 +18,9 @@ Committing, per transaction (``lock=`` or the store's default):
   touches it, in name order; needing a lower name than one already held
   releases everything and re-runs with all known rows locked up front.
 * auto: optimistic, then pessimistic once an atomically call has conflicted
-  ``AUTO_PESSIMISTIC_AFTER`` times, so a hot row cannot starve it.
+  ``AUTO_PESSIMISTIC_AFTER`` times, so a hot row cannot starve it; and
+  pessimistic from the start when the first row it touches recently made
+  an optimistic commit fail (``CONTENDED_SECONDS``).
 
 Inside the caller's ``transaction.atomic()`` on the same database, a
 transaction reads rows directly (uncommitted writes of the surrounding
@@ -61,6 +63,9 @@ logger = logging.getLogger("djstm.distributed")
 
 #: An ``atomically(lock="auto")`` call that conflicted this many times re-runs pessimistically.
 AUTO_PESSIMISTIC_AFTER = 3
+#: For this long after an optimistic commit lost a row to another commit, "auto" transactions whose first
+#: row is that one start pessimistic.
+CONTENDED_SECONDS = 1.0
 
 STALE = -1  # the epoch of a cached state that a notification said is out of date
 _NOT_READ = -1  # the "known version" of a row written without being read: not checked at commit
@@ -124,6 +129,7 @@ class _Session:
         "private",
         "written",
         "verified",
+        "auto",
     )
 
     def __init__(self, store: DistributedStore, tx: Any) -> None:
@@ -136,6 +142,7 @@ class _Session:
         self.locked: set[str] = set()
         self.highest: str | None = None  # the highest name locked: locking a lower one could deadlock
         self.open = False  # a database transaction of ours is open (pessimistic)
+        self.auto = False
         self.private: dict[RemoteDVar, tuple] | None = None  # rows read inside the caller's transaction
         self.written: dict[str, int] = {}  # new row versions, once committed
         self.verified: list[RemoteDVar] = []  # rows the commit found unchanged
@@ -143,11 +150,16 @@ class _Session:
             self.mode = "joined"
             self.private = {}
             return
+        backoff = tx.carry.pop((store, "backoff"), 0)
+        if backoff:
+            time.sleep(backoff)
         lock = tx.lock or store.lock
         carried = tx.carry.pop((store, "lock"), None)
         stale = tx.carry.pop((store, "stale"), None)
         pessimistic = lock == "pessimistic" or (lock == "auto" and tx.conflicts >= AUTO_PESSIMISTIC_AFTER)
         self.mode = "pessimistic" if pessimistic or carried else "optimistic"
+        # Still free to start pessimistic, if the first row it touches is one others keep changing.
+        self.auto = lock == "auto" and self.mode == "optimistic"
         if carried:
             self._lock(sorted(carried))
         elif stale:
@@ -155,10 +167,17 @@ class _Session:
 
     # -- reading and writing ------------------------------------------------------
 
+    def _first_touch(self, dvar: RemoteDVar) -> None:
+        self.auto = False
+        if self.store._is_contended(dvar.key):
+            self.mode = "pessimistic"  # it would most likely lose an optimistic commit: wait for the lock instead
+
     def read(self, dvar: RemoteDVar) -> tuple:
         tx = self.tx
         if dvar in tx.writes:
             return tx.read(dvar)
+        if self.auto:
+            self._first_touch(dvar)
         mode = self.mode
         if mode == "optimistic":
             if dvar in tx.reads:
@@ -187,6 +206,8 @@ class _Session:
         return state
 
     def before_write(self, dvar: RemoteDVar) -> None:
+        if self.auto:
+            self._first_touch(dvar)
         if self.mode == "pessimistic" and dvar.key not in self.locked:
             self._lock([dvar.key])
         elif self.mode == "joined" and dvar not in self.private:
@@ -258,8 +279,15 @@ class _Session:
         written = {dvar: dvar in tx.reads for dvar in writes}
         if not writes:
             if reads and not self.fresh:
-                self._refresh([], read=reads)  # one snapshot in which everything read is current
-                self.verified = reads
+                # One snapshot in which everything read is current. (No cache update here: the commit lock
+                # may be held; install() records the check, the next attempt fetches what moved.)
+                known = {dvar: _seen_row_version(tx, dvar) for dvar in reads}
+                rows = self._database(postgres.fetch_rows, [dvar.key for dvar in reads], list(known.values()))
+                moved = {row.name for row in rows if row.version != known[store._dvars[row.name]]}
+                if moved:
+                    tx.carry[(store, "stale")] = [store._dvars[key] for key in moved]
+                    raise _Conflict
+            self.verified = reads
             return
         dvars = sorted([*reads, *writes], key=lambda dvar: dvar.key)
         known = [
@@ -276,6 +304,7 @@ class _Session:
         if outcome.stale:
             # The next attempt starts by fetching these rows, all in one snapshot.
             tx.carry[(store, "stale")] = [store._dvars[key] for key in outcome.stale]
+            store._note_contended(outcome.stale)
             raise _Conflict
         self.written = outcome.written
         self.verified = reads
@@ -365,7 +394,9 @@ class _Session:
             self.tx.carry[(store, "failures")] = failures
             if self.mode == "joined" or failures > store.database_retries:
                 raise StoreUnavailable(self._failure_message(error, failures, naming)) from error
-            time.sleep(min(1.0, 0.01 * 2**failures))  # let a restarting server or a lock holder get ahead
+            # The next attempt first waits a little, outside any lock: a restarting server or a lock holder
+            # gets ahead.
+            self.tx.carry[(store, "backoff")] = min(1.0, 0.01 * 2**failures)
             raise _Conflict from None
 
     def _failure_message(self, error: postgres.TransientDatabaseError, failures: int, naming: list[str]) -> str:
@@ -416,6 +447,8 @@ class DistributedStore(StoreBase):
         self._epochs = itertools.count(1)
         # The DVars each recent query fetched together, by epoch (the most recent _REMEMBERED_EPOCHS).
         self._fetched: dict[int, list[RemoteDVar]] = {}
+        # Rows an optimistic commit recently found changed under it, until when they count as contended.
+        self._contended: dict[str, float] = {}
         self._feed = feed
         self._group = group
         if feed is not None:
@@ -457,6 +490,7 @@ class DistributedStore(StoreBase):
         session = tx.remote
         if session is None:
             self._check_open()
+            refuse_in_event_loop(f"a transaction on distributed store {self.name!r}")
             session = tx.remote = _Session(self, tx)
             return session
         if session.store is not self:
@@ -513,6 +547,20 @@ class DistributedStore(StoreBase):
 
         refresh(apply)
         return epoch, changed
+
+    def _note_contended(self, keys: Any) -> None:
+        until = time.monotonic() + CONTENDED_SECONDS
+        contended = self._contended
+        for key in keys:
+            contended[key] = until
+        if len(contended) > 1000:  # forget rows that calmed down
+            now = time.monotonic()
+            for key in [key for key, until in contended.items() if until < now]:
+                contended.pop(key, None)
+
+    def _is_contended(self, key: str) -> bool:
+        until = self._contended.get(key)
+        return until is not None and until > time.monotonic()
 
     def _remember_fetched(self, epoch: int, dvars: list[RemoteDVar]) -> None:
         fetched = self._fetched

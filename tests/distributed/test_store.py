@@ -172,21 +172,46 @@ def test_pessimistic_out_of_order_restarts_with_everything_locked_up_front(open_
     assert queries == 4
 
 
+def session_mode(dvar):
+    from djstm.stm._context import current
+
+    return dvar._store.session(current.tx).mode
+
+
 def test_auto_turns_pessimistic_after_repeated_conflicts(open_store, store_name):
     store = open_store(poll_interval=60)
-    hot = store.dvar("hot", 0)
+    calm, hot = store.dvar("a-calm", 0), store.dvar("hot", 0)
     modes = []
 
     def contended():
-        modes.append(hot._store.session(djstm.stm.runner.current.tx).mode)
+        calm.read()  # the first row it touches is calm, so only the conflict count can make it pessimistic
         value = hot.read()
-        if len(modes) <= AUTO_PESSIMISTIC_AFTER:
-            bump_by_hand(store_name, "hot", str(value + 100))  # someone else always commits first
+        modes.append(session_mode(hot))
+        if modes[-1] == "optimistic":
+            bump_by_hand(store_name, "hot", str(value + 100))  # someone else commits first
         hot.write(value + 1)
 
     djstm.atomically(contended)
     assert modes == ["optimistic"] * AUTO_PESSIMISTIC_AFTER + ["pessimistic"]
     assert stored(store_name, "hot") == (str(hot.peek()), AUTO_PESSIMISTIC_AFTER + 1)
+
+
+def test_auto_starts_pessimistic_on_a_row_that_just_lost_a_commit(open_store, store_name):
+    store = open_store(poll_interval=60)
+    hot = store.dvar("hot", 0)
+    modes = []
+
+    def increment():
+        value = hot.read()
+        modes.append(session_mode(hot))
+        if len(modes) == 1:
+            bump_by_hand(store_name, "hot", str(value + 100))
+        hot.write(value + 1)
+
+    djstm.atomically(increment)
+    djstm.atomically(increment)  # a new call: the row is still known as contended
+    assert modes == ["optimistic", "pessimistic", "pessimistic"]
+    assert djstm.atomically(hot.read) == 102
 
 
 def test_threads_hammering_one_row_lose_no_update(open_store, busy_switching):
@@ -443,3 +468,66 @@ def test_aatomically_waits_without_blocking_the_event_loop(open_store):
         return await asyncio.wait_for(waiting, 5)
 
     assert asyncio.run(main()) == 7
+
+
+def test_a_channels_consumer_follows_a_dvar_with_aatomically(open_store):
+    import asyncio
+
+    from channels.generic.websocket import AsyncJsonWebsocketConsumer
+    from channels.testing import WebsocketCommunicator
+
+    store = open_store(poll_interval=60)
+    level = store.dvar("level", 0)
+
+    def next_level(seen):
+        value = level.read()
+        djstm.check(value != seen)
+        return value
+
+    class LevelConsumer(AsyncJsonWebsocketConsumer):
+        async def connect(self):
+            await self.accept()
+            self.follower = asyncio.create_task(self.follow())
+
+        async def disconnect(self, code):
+            self.follower.cancel()
+
+        async def follow(self):
+            seen = None
+            while True:
+                seen = await djstm.aatomically(next_level, seen)
+                await self.send_json({"level": seen})
+
+    async def main():
+        communicator = WebsocketCommunicator(LevelConsumer.as_asgi(), "/ws/level/")
+        connected, _ = await communicator.connect()
+        assert connected
+        assert await communicator.receive_json_from(timeout=5) == {"level": 0}
+        for expected in (1, 2):
+            await djstm.aatomically(lambda: level.write(level.read() + 1))
+            assert await communicator.receive_json_from(timeout=5) == {"level": expected}
+        await communicator.disconnect()
+
+    asyncio.run(main())
+
+
+def test_a_read_only_transaction_over_tvars_and_dvars_checks_the_database(open_store, store_name):
+    store = open_store(poll_interval=60)
+    price = store.dvar("price", 5)
+    quantity = djstm.TVar(2)
+    assert djstm.atomically(lambda: price.read() * quantity.read(), timeout=10) == 10
+    bump_by_hand(store_name, "price", "6")
+    assert djstm.atomically(lambda: price.read() * quantity.read(), timeout=10) == 12
+
+
+def test_plain_atomically_in_a_coroutine_is_refused_with_the_way_out(open_store):
+    import asyncio
+
+    counter = open_store().dvar("counter", 0)
+
+    async def main():
+        djstm.atomically(lambda: counter.write(1))
+
+    with pytest.raises(djstm.STMError, match="aatomically"):
+        asyncio.run(main())
+    assert counter.peek() == 0
