@@ -222,10 +222,12 @@ def commit_checked(
     written: Sequence[bool],
     values: Sequence[str | None],
     lock_timeout: float,
+    keep_open: bool,
 ) -> CheckedCommit:
     """Commit (or, inside the caller's transaction, stage) the writes if every ``known`` version still holds.
 
-    ``known[i]`` is -1 for a row written without being read (no check).
+    ``known[i]`` is -1 for a row written without being read (no check). With ``keep_open`` the statement
+    runs in a database transaction left open, rows locked, for ``commit_locked`` (or ``rollback``) to end.
     """
     if len(names) == 1 and written[0]:
         sql, params = _COMMIT_ONE, [values[0], store, names[0], known[0], known[0]]
@@ -235,6 +237,10 @@ def commit_checked(
     with _statement(alias) as cursor:
         if joined:
             cursor.execute(sql, params)
+        elif keep_open:
+            cursor.execute("BEGIN; " + _lock_timeout(lock_timeout) + sql, params)
+            cursor.nextset()
+            cursor.nextset()
         else:
             # Several statements in one message run as one implicit transaction, so SET LOCAL applies.
             cursor.execute(_lock_timeout(lock_timeout) + sql, params)

@@ -295,20 +295,29 @@ class Transaction:
     def _commit_remote(self) -> list[tuple[Any, Any]]:
         """Commit a transaction that touched a remote (database) store: the database decides first.
 
-        ``remote.commit(tx)`` writes in the database (or, read-only, validates
-        there) and raises ``_Conflict`` if what was read is stale there; only
-        then are the new states installed here. If the transaction touched
-        local variables too, the database commit runs under the commit lock,
-        between validating the local reads and installing, so both parts
-        commit or neither does. ``remote.commit`` returns False when it
-        deferred the commit to a surrounding database transaction; it then
-        installs, and runs the callbacks, itself once that commits.
+        The remote session's protocol: ``holds_locks`` tells whether it holds
+        database row locks already; ``prepare(tx, local)`` does whatever may
+        wait for another transaction's row locks, and raises ``_Conflict`` if
+        what was read is stale in the database; ``commit(tx)`` then finishes
+        the database commit without waiting for any lock, and returns False
+        if it deferred it to a surrounding database transaction (it then
+        installs, and runs the callbacks, itself once that commits);
+        ``install(new_version)`` puts the committed states in place. When the
+        transaction touched local variables too, ``commit`` runs under the
+        commit lock between validating the local reads and installing, so
+        both parts commit or neither does; since it never waits for a row
+        lock there, a transaction holding row locks that needs the commit
+        lock cannot be stuck behind it. For the same reason a transaction
+        holding row locks never waits at the escalation gate.
         """
         remote = self.remote
-        if self.writes:
+        if self.writes and not remote.holds_locks:
             self._wait_for_escalated()
-        if not self._touches_local(remote.store):
+        local = self._touches_local(remote.store)
+        if not local:
             self._check_reads()  # a stale cached read fails here, without a round trip
+        remote.prepare(self, local)
+        if not local:
             if not remote.commit(self):
                 return []
             with commit_lock:

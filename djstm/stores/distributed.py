@@ -251,7 +251,16 @@ class _Session:
 
     # -- the engine's side: commit, end, retry -------------------------------------
 
-    def commit(self, tx: Any) -> bool:
+    @property
+    def holds_locks(self) -> bool:
+        return self.open
+
+    def prepare(self, tx: Any, local: bool) -> None:
+        """The part of the commit that may wait for other transactions' row locks (see Transaction._commit_remote).
+
+        With ``local`` (the transaction touched local variables too) an optimistic commit leaves its database
+        transaction open, rows locked, for ``commit`` to finish under the commit lock.
+        """
         store = self.store
         if store.closed:
             raise StoreClosed(
@@ -259,21 +268,28 @@ class _Session:
                 "committed; open the store again (djstm.with_store) and use its DVars"
             )
         writes = [dvar for dvar in tx.writes if dvar._store is store]
-        if self.mode == "pessimistic":
-            if self.open:
-                self.written = self._database(
-                    postgres.commit_locked, [d.key for d in writes], [tx.writes[d][1] for d in writes]
-                )
-                self.open = False
-        elif self.mode == "optimistic":
-            self._commit_checked(tx, writes)
-        else:
-            return self._commit_joined(tx, writes)
+        if self.mode == "optimistic":
+            self._commit_checked(tx, writes, keep_open=local)
+        elif self.mode == "joined":
+            self._commit_joined(tx, writes)
+
+    def commit(self, tx: Any) -> bool:
+        """Finish the database commit; never waits for a row lock. False: deferred to the caller's transaction."""
+        if self.mode == "joined":
+            return False
+        if self.open:
+            writes = [dvar for dvar in tx.writes if dvar._store is self.store] if self.mode == "pessimistic" else []
+            written = self._database(
+                postgres.commit_locked, [d.key for d in writes], [tx.writes[d][1] for d in writes]
+            )
+            self.open = False
+            if self.mode == "pessimistic":
+                self.written = written
         if self.written:
-            store.publish(self.written)
+            self.store.publish(self.written)
         return True
 
-    def _commit_checked(self, tx: Any, writes: list[RemoteDVar]) -> None:
+    def _commit_checked(self, tx: Any, writes: list[RemoteDVar], keep_open: bool) -> None:
         store = self.store
         reads = [dvar for dvar in tx.reads if dvar._store is store and dvar not in tx.writes]
         written = {dvar: dvar in tx.reads for dvar in writes}
@@ -300,7 +316,9 @@ class _Session:
             [dvar in written for dvar in dvars],
             [tx.writes[dvar][1] if dvar in written else None for dvar in dvars],
             store.lock_timeout,
+            keep_open,
         )
+        self.open = keep_open  # rolled back by end() if stale
         if outcome.stale:
             # The next attempt starts by fetching these rows, all in one snapshot.
             tx.carry[(store, "stale")] = [store._dvars[key] for key in outcome.stale]
@@ -309,7 +327,7 @@ class _Session:
         self.written = outcome.written
         self.verified = reads
 
-    def _commit_joined(self, tx: Any, writes: list[RemoteDVar]) -> bool:
+    def _commit_joined(self, tx: Any, writes: list[RemoteDVar]) -> None:
         store = self.store
         if any(tvar._store is not store for tvar in tx.writes) or tx.stores:
             raise STMError(
@@ -326,6 +344,7 @@ class _Session:
             [dvar in tx.writes for dvar in dvars],
             [tx.writes[dvar][1] if dvar in tx.writes else None for dvar in dvars],
             store.lock_timeout,
+            False,
         )
         if outcome.stale:
             raise _Conflict  # the next attempt reads the rows afresh
@@ -335,7 +354,6 @@ class _Session:
             transaction.on_commit(
                 lambda: store._after_joined_commit(values, outcome.written, callbacks), using=store.alias
             )
-        return False
 
     def install(self, new_version: int) -> list[RemoteDVar]:
         """Under the commit lock, after ``commit``: put the committed states in the cache."""

@@ -531,3 +531,30 @@ def test_plain_atomically_in_a_coroutine_is_refused_with_the_way_out(open_store)
     with pytest.raises(djstm.STMError, match="aatomically"):
         asyncio.run(main())
     assert counter.peek() == 0
+
+
+def test_a_commit_waiting_for_a_row_lock_does_not_stall_the_lock_holder(open_store):
+    """A mixed commit (TVar + DVar) waits for a row lock outside the engine's commit lock, which the
+    transaction holding the row lock needs to go on."""
+    with override_settings(DJSTM={"CHANNEL_LAYER": "djstm", "LOCK_TIMEOUT": 3, "DATABASE_RETRIES": 0}):
+        store = open_store()
+    x, y = store.dvar("x", 0), store.dvar("y", 0)
+    audit = djstm.TVar(0)
+    holding = threading.Event()
+
+    def holder():
+        def hold_x_then_touch_y():
+            x.write(x.read() + 1)  # x locked
+            holding.set()
+            time.sleep(0.3)  # meanwhile the other transaction waits for x
+            y.write(y.read() + 1)  # locking y installs y's row in the cache: needs the commit lock
+        djstm.atomically(hold_x_then_touch_y, lock="pessimistic")
+
+    def mixed():
+        holding.wait(5)
+        djstm.atomically(lambda: (audit.write(audit.read() + 1), x.write(x.read() + 10)), lock="optimistic")
+
+    started = time.monotonic()
+    run_threads([holder, mixed], timeout=20)
+    assert time.monotonic() - started < 2.5  # no wait for the lock timeout
+    assert (x.peek(), y.peek(), audit.peek()) == (11, 1, 1)
