@@ -240,7 +240,7 @@ class _Session:
     def _refresh(self, dvars: list[RemoteDVar] | Any, read: list[RemoteDVar] | Any) -> None:
         """Fetch ``read`` and ``dvars`` in one snapshot; ``_Conflict`` if one of ``read`` had changed."""
         tx = self.tx
-        dvars = list(read) + [dvar for dvar in dvars if dvar not in read]
+        dvars = list(dict.fromkeys([*read, *dvars]))
         known = [_seen_row_version(tx, dvar) if dvar in tx.reads else dvar._state[1][2] for dvar in dvars]
         rows = self._database(postgres.fetch_rows, [dvar.key for dvar in dvars], known)
         epoch, changed = self.store._install_rows(rows, dvars)
