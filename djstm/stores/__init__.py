@@ -158,9 +158,13 @@ def with_store(
             on_close=closed,
             closing=_registry_lock,
         )
-        _open_stores[key] = store
-        _users[store] = 1
-        return store
+        return _register(key, store)
+
+
+def _register(key: tuple[str, str], store: DurableStore | DistributedStore) -> DurableStore | DistributedStore:
+    _open_stores[key] = store  # the registry lock is held
+    _users[store] = 1
+    return store
 
 
 def _known_alias(database: str) -> None:
@@ -216,6 +220,4 @@ def _open_distributed(database: str, name: str, lock: str | None, poll_interval:
             on_close=_forget,
             closing=_registry_lock,
         )
-        _open_stores[key] = store
-        _users[store] = 1
-        return store
+        return _register(key, store)

@@ -50,7 +50,7 @@ from django.db import connections, transaction
 
 from ..backends import postgres
 from ..codecs import Codec
-from ..errors import DVarTypeError, NoTransaction, STMError, StoreClosed, StoreUnavailable
+from ..errors import NoTransaction, STMError, StoreClosed, StoreUnavailable
 from ..names import Name
 from ..stm._context import current
 from ..stm.transaction import _Conflict, commit_lock, refresh
@@ -96,12 +96,7 @@ class RemoteDVar(DVar[Any]):
         tx = current.tx
         if tx is None:
             raise NoTransaction(self._outside_message("write"))
-        try:
-            text = self._dumps(value)
-        except DVarTypeError as error:
-            raise self._does_not_fit(error) from None
-        if self._mutable:
-            value = self._loads(text)
+        value, text = self._encode(value)
         self._store.session(tx).before_write(self)
         tx.write(self, (value, text, _NOT_READ, STALE))
 

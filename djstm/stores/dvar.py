@@ -59,15 +59,17 @@ class DVar(TVar[T]):
         tx = current.tx
         if tx is None:
             raise NoTransaction(self._outside_message("write"))
+        tx.write(self, self._encode(value))
+        if self._store not in tx.stores:
+            tx.stores[self._store] = None  # enlist: the store takes part in the commit, or refuses it if closed
+
+    def _encode(self, value: Any) -> tuple[Any, str]:
+        """``(value to keep, its text)``; the value kept is a private copy if the type is mutable."""
         try:
             text = self._dumps(value)
         except DVarTypeError as error:
             raise self._does_not_fit(error) from None
-        if self._mutable:
-            value = self._loads(text)
-        tx.write(self, (value, text))
-        if self._store not in tx.stores:
-            tx.stores[self._store] = None  # enlist: the store takes part in the commit, or refuses it if closed
+        return (self._loads(text) if self._mutable else value), text
 
     def peek(self) -> T:
         value = self._state[1][0]
