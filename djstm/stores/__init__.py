@@ -186,6 +186,9 @@ def _open_distributed(database: str, name: str, lock: str | None, poll_interval:
     ensure_django()
     from django.db import connections
 
+    from .base import refuse_in_event_loop
+
+    refuse_in_event_loop(f"with_store(database={database!r}, mode='distributed')")
     lock = djstm_setting("LOCK") if lock is None else lock
     if lock not in LOCK_MODES:
         raise ValueError(f"with_store(lock={lock!r}): lock must be one of {', '.join(map(repr, LOCK_MODES))}")

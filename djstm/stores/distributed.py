@@ -52,7 +52,7 @@ from ..backends import postgres
 from ..codecs import Codec
 from ..errors import NoTransaction, STMError, StoreClosed, StoreUnavailable
 from ..names import Name
-from ..stm._context import current
+from ..stm._context import current, in_event_loop
 from ..stm.transaction import _Conflict, commit_lock, refresh
 from .base import MISSING, StoreBase, refuse_in_event_loop
 from .dvar import DVar
@@ -76,7 +76,11 @@ _PROCESS_TOKEN = uuid.uuid4().hex
 
 
 class RemoteDVar(DVar[Any]):
-    """A DVar of a distributed store. ``peek()`` returns the value this process last saw committed."""
+    """A DVar of a distributed store.
+
+    ``peek()`` returns the latest committed value this process knows of: what it last read or
+    committed, re-read from the database when a notification said another process changed it.
+    """
 
     __slots__ = ()
 
@@ -99,6 +103,15 @@ class RemoteDVar(DVar[Any]):
         value, text = self._encode(value)
         self._store.session(tx).before_write(self)
         tx.write(self, (value, text, _NOT_READ, STALE))
+
+
+    def peek(self) -> Any:
+        state = self._state[1]
+        if state[3] == STALE and not in_event_loop() and not self._store.closed:
+            self._store._fetch_latest(self)  # another process committed a newer version
+            state = self._state[1]
+        value = state[0]
+        return self.codec.copy(value) if self._mutable else value
 
 
 def _seen_row_version(tx: Any, dvar: RemoteDVar) -> int:
@@ -512,6 +525,15 @@ class DistributedStore(StoreBase):
                 f"{session.store.name!r} in {session.store.where}; split it into one transaction per store"
             )
         return session
+
+    def _fetch_latest(self, dvar: RemoteDVar) -> None:
+        """Bring ``dvar``'s cached state up to date (outside any transaction); on failure keep what is cached."""
+        try:
+            rows = postgres.fetch_rows(self.alias, self.name, [dvar.key], [dvar._state[1][2]])
+        except postgres.TransientDatabaseError as error:
+            logger.warning("store %r: re-reading DVar %r failed: %s", self.name, dvar.name, error)
+            return
+        self._install_rows(rows, [dvar])
 
     def _deleted(self, dvar: RemoteDVar) -> StoreUnavailable:
         return StoreUnavailable(

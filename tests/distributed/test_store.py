@@ -558,3 +558,22 @@ def test_a_commit_waiting_for_a_row_lock_does_not_stall_the_lock_holder(open_sto
     run_threads([holder, mixed], timeout=20)
     assert time.monotonic() - started < 2.5  # no wait for the lock timeout
     assert (x.peek(), y.peek(), audit.peek()) == (11, 1, 1)
+
+
+def test_peek_shows_a_change_another_process_announced(open_store, store_name):
+    store = open_store(poll_interval=60)
+    price = store.dvar("price", 5)
+    bump_by_hand(store_name, "price", "9")
+    assert price.peek() == 5  # nobody said it changed
+    store._on_notification({"store": store_name, "origin": "another process", "changes": [["price", 1]]})
+    assert price.peek() == 9
+
+
+def test_opening_a_distributed_store_in_a_coroutine_says_how_to_do_it(store_name):
+    import asyncio
+
+    async def main():
+        djstm.with_store(database=ALIAS, mode="distributed", name=store_name)
+
+    with pytest.raises(djstm.STMError, match="coroutine"):
+        asyncio.run(main())
