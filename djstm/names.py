@@ -15,10 +15,13 @@ import unicodedata
 
 from .errors import InvalidName
 
-__all__ = ["MAX_NAME_CHARS", "Name", "canonical_name", "parse_name", "check_store_name"]
+__all__ = ["MAX_NAME_CHARS", "MAX_STORE_NAME_CHARS", "Name", "canonical_name", "parse_name", "check_store_name"]
 
 #: Longest canonical name, in characters; keeps every name indexable by PostgreSQL.
 MAX_NAME_CHARS = 500
+#: Longest store name, in characters. With the longest DVar name, four bytes a character, the pair still
+#: fits in one entry of PostgreSQL's (store, name) index.
+MAX_STORE_NAME_CHARS = 100
 
 Name = str | tuple[str | int, ...]
 
@@ -79,6 +82,8 @@ def check_store_name(name: str) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidName(f"a store name must be a non-empty str, not {name!r}")
     _reject_control_characters(name, "store name")
-    if len(name) > 200:
-        raise InvalidName(f"store name {name[:40]!r}… is {len(name)} characters long; the limit is 200")
+    if len(name) > MAX_STORE_NAME_CHARS:
+        raise InvalidName(
+            f"store name {name[:40]!r}… is {len(name)} characters long; the limit is {MAX_STORE_NAME_CHARS}"
+        )
     return name

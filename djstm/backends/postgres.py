@@ -22,7 +22,7 @@ from typing import NamedTuple
 from django.db import connections
 from django.db.utils import DatabaseError, IntegrityError, InterfaceError
 
-from ..errors import StoreUnavailable
+from ..errors import STMError, StoreUnavailable
 
 __all__ = [
     "FetchedRow",
@@ -84,20 +84,32 @@ def _statement(alias: str) -> Iterator:
     try:
         with connection.cursor() as cursor:
             yield cursor
-    except IntegrityError:
-        raise
     except DatabaseError as error:
-        transient = _transient(error)
+        if not connection.in_atomic_block:
+            _discard_transaction(alias)  # a transaction of ours failed: never leave it open and aborted
+        transient = None if isinstance(error, IntegrityError) else _transient(error)
         if transient is None:
             raise
-        if not connection.in_atomic_block:
-            _discard_transaction(alias)
         raise transient from error
+
+
+def _opened_transaction(alias: str) -> None:
+    """Our ``BEGIN`` went through: tell Django the connection is not in autocommit mode any more.
+
+    Django code that the transaction function runs (``transaction.atomic()``, ``get_or_create``)
+    then nests in our transaction as savepoints, instead of failing to turn autocommit off.
+    """
+    connections[alias].autocommit = False
+
+
+def _closed_transaction(alias: str) -> None:
+    connections[alias].autocommit = True
 
 
 def _discard_transaction(alias: str) -> None:
     """Leave the connection outside any transaction; close it if it is broken (Django reconnects later)."""
     connection = connections[alias]
+    _closed_transaction(alias)
     try:
         if connection.connection is not None and not connection.connection.closed:
             with connection.connection.cursor() as raw:
@@ -109,9 +121,20 @@ def _discard_transaction(alias: str) -> None:
 
 
 def in_callers_transaction(alias: str) -> bool:
-    """True inside the caller's ``transaction.atomic()`` (or with autocommit off) on ``alias``."""
+    """True inside the caller's ``transaction.atomic()`` on ``alias``.
+
+    Raises ``STMError`` under manual transaction management (autocommit turned off), where djstm
+    could not learn when the caller's transaction commits.
+    """
     connection = connections[alias]
-    return connection.in_atomic_block or not connection.get_autocommit()
+    if connection.in_atomic_block:
+        return True
+    if not connection.get_autocommit():
+        raise STMError(
+            f"database {alias!r} has autocommit turned off (manual transaction management), so djstm cannot "
+            "tell when its writes commit; use transaction.atomic() instead of set_autocommit(False)"
+        )
+    return False
 
 
 def check_can_serve(alias: str, where: str) -> None:
@@ -141,11 +164,33 @@ _INSERT = (
 _SELECT_ONE = "SELECT version, type_tag, value FROM djstm_dvar WHERE store = %s AND name = %s"
 
 
+def _in_transaction(alias: str) -> bool:
+    connection = connections[alias]
+    if connection.in_atomic_block or not connection.get_autocommit():
+        return True
+    raw = connection.connection
+    return raw is not None and not raw.closed and raw.info.transaction_status != raw.info.transaction_status.IDLE
+
+
+def _side_alias(alias: str) -> str:
+    """An alias on the same database whose connection is never inside anyone's transaction."""
+    side = f"{alias}:djstm-autocommit"
+    if side not in connections.settings:
+        settings = dict(connections.settings[alias])
+        settings.update(AUTOCOMMIT=True, ATOMIC_REQUESTS=False)
+        connections.settings[side] = settings
+    return side
+
+
 def create_row(alias: str, store: str, name: str, type_tag: str, value: str) -> FetchedRow:
     """Insert the row unless it exists, and return the row as stored (ours or the one that won a race).
 
+    The row is committed at once, even inside a transaction of the caller's (or of djstm's): like a
+    ``TVar``, a DVar exists from its creation on, whatever happens to the transaction that created it.
     Only a collision on (store, name) counts as a race; any other integrity error propagates.
     """
+    if _in_transaction(alias):
+        alias = _side_alias(alias)
     with _statement(alias) as cursor:
         cursor.execute(_SELECT_ONE, [store, name])
         row = cursor.fetchone()
@@ -180,7 +225,7 @@ def fetch_rows(alias: str, store: str, names: Sequence[str], known: Sequence[int
 
 
 def _lock_timeout(seconds: float) -> str:
-    return f"SET LOCAL lock_timeout = '{int(seconds * 1000)}ms'; "
+    return f"SET LOCAL lock_timeout = '{max(1, int(seconds * 1000))}ms'; "  # 0 would mean no limit
 
 
 # The optimistic commit, in one statement: lock every row read or written in name order, check the
@@ -239,6 +284,7 @@ def commit_checked(
             cursor.execute(sql, params)
         elif keep_open:
             cursor.execute("BEGIN; " + _lock_timeout(lock_timeout) + sql, params)
+            _opened_transaction(alias)
             cursor.nextset()
             cursor.nextset()
         else:
@@ -280,6 +326,7 @@ def begin_locked(
     sql, params = _lock_statement(store, names, known)
     with _statement(alias) as cursor:
         cursor.execute("BEGIN; " + _lock_timeout(lock_timeout) + sql, params)
+        _opened_transaction(alias)
         cursor.nextset()
         cursor.nextset()
         return _rows(cursor)
@@ -318,6 +365,7 @@ def commit_locked(alias: str, store: str, names: Sequence[str], values: Sequence
         else:
             cursor.execute("COMMIT")
             written = {}
+    _closed_transaction(alias)
     return written
 
 
@@ -328,3 +376,4 @@ def rollback(alias: str) -> None:
             cursor.execute("ROLLBACK")
     except TransientDatabaseError:
         pass  # the connection broke: _statement already discarded the transaction with it
+    _closed_transaction(alias)

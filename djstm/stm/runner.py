@@ -188,6 +188,11 @@ class _Run:
                     continue
                 except _RetrySignal:
                     committed = False
+                except Exception:
+                    if _decided_on_stale_reads(tx):
+                        self.conflicts += 1
+                        continue
+                    raise
                 else:
                     committed = True
                 finally:
@@ -225,6 +230,14 @@ class _Run:
             return None  # what the database holds differs from what was read: run again now
         waiter = make_waiter()
         return (waiter, watched) if register(waiter, watched) else None
+
+
+def _decided_on_stale_reads(tx: Transaction) -> bool:
+    """An exception escaped ``fn``: was it decided on values a remote store's database has since replaced?
+
+    Like a commit, an exception must come from a state that was current: otherwise ``fn`` runs again.
+    """
+    return tx.remote is not None and tx.remote.read_stale_values(tx)
 
 
 def _after_commit(tx: Transaction, receipts: list, result: Any) -> Any:
@@ -306,6 +319,10 @@ def atomically(
         retried, conflicts = None, 1
     except _RetrySignal:
         retried, conflicts = tx, 0
+    except Exception:
+        if not _decided_on_stale_reads(tx):
+            raise
+        retried, conflicts = None, 1
     else:
         retried = conflicts = None
     finally:

@@ -8,6 +8,7 @@ using it ends, or at interpreter exit, flushing everything committed.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import threading
 from typing import TYPE_CHECKING
@@ -217,7 +218,7 @@ def _open_distributed(database: str, name: str, lock: str | None, poll_interval:
             poll_interval=float(poll_interval),
             lock_timeout=float(djstm_setting("LOCK_TIMEOUT")),
             database_retries=int(djstm_setting("DATABASE_RETRIES")),
-            feed=change_feed(djstm_setting("CHANNEL_LAYER")),
+            feed=functools.partial(change_feed, djstm_setting("CHANNEL_LAYER")),
             group=group,
             release=_release,
             on_close=_forget,

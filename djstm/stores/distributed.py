@@ -50,7 +50,7 @@ from django.db import connections, transaction
 
 from ..backends import postgres
 from ..codecs import Codec
-from ..errors import NoTransaction, STMError, StoreClosed, StoreUnavailable
+from ..errors import DVarDecodeError, NoTransaction, STMError, StoreClosed, StoreUnavailable
 from ..names import Name
 from ..stm._context import current, in_event_loop
 from ..stm.transaction import _Conflict, commit_lock, refresh
@@ -73,6 +73,17 @@ _REMEMBERED_EPOCHS = 64
 
 # Each process marks its own notifications, so it can skip them (its cache already has the change).
 _PROCESS_TOKEN = uuid.uuid4().hex
+# Incremented in a child process after fork: stores opened before the fork start their threads anew.
+_fork_generation = [0]
+
+
+def _after_fork_in_child() -> None:
+    global _PROCESS_TOKEN
+    _PROCESS_TOKEN = uuid.uuid4().hex  # else the forked workers would ignore each other's notifications
+    _fork_generation[0] += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class RemoteDVar(DVar[Any]):
@@ -198,7 +209,7 @@ class _Session:
             del tx.reads[dvar]  # not read after all: first bring it and everything read to one snapshot
             # Rows fetched with it are likely read with it again: bring them along, saving a query each.
             siblings = self.store._fetched_with(epoch)
-            self._refresh([dvar, *siblings], read=[d for d in tx.reads if d._store is self.store])
+            self._refresh([dvar, *siblings], read=[d for d in tx.reads if d._store is self.store], required=[dvar])
             state = tx.read(dvar)
             if state[3] != self.epoch:  # refreshed again by another thread meanwhile: start over
                 raise _Conflict
@@ -239,19 +250,26 @@ class _Session:
         if self.open:
             rows = self._database(postgres.lock_rows, keys, known, naming=keys)
         else:
-            rows = self._database(postgres.begin_locked, keys, known, self.store.lock_timeout, naming=keys)
+            rows = self._database(postgres.begin_locked, keys, known, self._lock_timeout(), naming=keys)
             self.open = True
         self.locked.update(keys)
         self.highest = keys[-1]
+        found = {row.name for row in rows}
+        for dvar in dvars:
+            if dvar.key not in found:
+                raise self.store._deleted(dvar)
         self.store._install_rows(rows, dvars)
 
-    def _refresh(self, dvars: list[RemoteDVar] | Any, read: list[RemoteDVar] | Any) -> None:
-        """Fetch ``read`` and ``dvars`` in one snapshot; ``_Conflict`` if one of ``read`` had changed."""
+    def _refresh(self, dvars: list[RemoteDVar] | Any, read: list[RemoteDVar] | Any, required: Any = ()) -> None:
+        """Fetch ``read`` and ``dvars`` in one snapshot; ``_Conflict`` if one of ``read`` had changed.
+
+        A row of ``required`` that is gone or does not decode raises (see ``_install_rows``).
+        """
         tx = self.tx
         dvars = list(dict.fromkeys([*read, *dvars]))
         known = [_seen_row_version(tx, dvar) if dvar in tx.reads else dvar._state[1][2] for dvar in dvars]
         rows = self._database(postgres.fetch_rows, [dvar.key for dvar in dvars], known)
-        epoch, changed = self.store._install_rows(rows, dvars)
+        epoch, changed = self.store._install_rows(rows, dvars, required)
         if changed.intersection(read):
             raise _Conflict
         self.epoch = epoch
@@ -301,7 +319,9 @@ class _Session:
         store = self.store
         reads = [dvar for dvar in tx.reads if dvar._store is store and dvar not in tx.writes]
         written = {dvar: dvar in tx.reads for dvar in writes}
-        if not writes:
+        # Read-only here, it only checks. But a transaction that writes local variables on what it read here
+        # locks those rows until its commit (below), so no commit elsewhere can come between check and install.
+        if not writes and not (keep_open and tx.writes):
             if reads and not self.fresh:
                 # One snapshot in which everything read is current. (No cache update here: the commit lock
                 # may be held; install() records the check, the next attempt fetches what moved.)
@@ -323,7 +343,7 @@ class _Session:
             known,
             [dvar in written for dvar in dvars],
             [tx.writes[dvar][1] if dvar in written else None for dvar in dvars],
-            store.lock_timeout,
+            self._lock_timeout(),
             keep_open,
         )
         self.open = keep_open  # rolled back by end() if stale
@@ -351,7 +371,7 @@ class _Session:
             [private[dvar][2] if dvar in private else _NOT_READ for dvar in dvars],
             [dvar in tx.writes for dvar in dvars],
             [tx.writes[dvar][1] if dvar in tx.writes else None for dvar in dvars],
-            store.lock_timeout,
+            self._lock_timeout(),
             False,
         )
         if outcome.stale:
@@ -372,7 +392,7 @@ class _Session:
         for dvar in tx.writes:
             if dvar._store is not store:
                 continue
-            version = self.written[dvar.key]
+            version = self.written.get(dvar.key, -1)  # -1: the row was gone (deleted by hand meanwhile)
             state = dvar._state[1]
             if version > state[2]:  # else a newer version arrived meanwhile: keep it
                 value, text = tx.writes[dvar][:2]
@@ -402,9 +422,34 @@ class _Session:
         reads = [dvar for dvar in tx.reads if dvar._store is self.store]
         if not reads:
             return True
-        rows = self._database(postgres.fetch_rows, [d.key for d in reads], [_seen_row_version(tx, d) for d in reads])
-        _, changed = self.store._install_rows(rows, reads)
+        known = []
+        for dvar in reads:
+            if dvar._state[0] != tx.reads[dvar]:
+                return False  # the cache moved on since the read (a commit in this process): run again
+            known.append(dvar._state[1][2])
+        rows = self._database(postgres.fetch_rows, [d.key for d in reads], known)
+        _, changed = self.store._install_rows(rows, reads, required=())
         return not changed
+
+    def _lock_timeout(self) -> float:
+        """How long a statement may wait for a row lock: the store's limit, within the call's ``timeout``."""
+        deadline = self.tx.deadline
+        if deadline is None:
+            return self.store.lock_timeout
+        return max(0.001, min(self.store.lock_timeout, deadline - time.monotonic()))
+
+    def read_stale_values(self, tx: Any) -> bool:
+        """After an exception escaped the transaction: did it read values the database has since replaced?
+
+        Rows fetched during this attempt, or locked, were current; cached ones are checked (one query).
+        If the database cannot be asked, the exception stands.
+        """
+        if self.mode != "optimistic" or self.fresh:
+            return False
+        try:
+            return not self.still_current(tx)
+        except (_Conflict, StoreUnavailable):
+            return False
 
     def _database(self, operation: Callable[..., Any], *args: Any, naming: list[str] = ()) -> Any:
         """Run ``operation(alias, store, *args)``; a failure worth re-running re-runs, a bounded number of times.
@@ -455,7 +500,7 @@ class DistributedStore(StoreBase):
         poll_interval: float,
         lock_timeout: float,
         database_retries: int,
-        feed: Any,
+        feed: Callable[[], Any],
         group: str,
         release: Callable[[DistributedStore], None],
         on_close: Callable[[DistributedStore], None],
@@ -475,12 +520,18 @@ class DistributedStore(StoreBase):
         self._fetched: dict[int, list[RemoteDVar]] = {}
         # Rows an optimistic commit recently found changed under it, until when they count as contended.
         self._contended: dict[str, float] = {}
-        self._feed = feed
+        self._feed_of_this_process = feed  # the change feed, for the process calling it
         self._group = group
-        if feed is not None:
-            feed.subscribe(group, self._on_notification)
+        self._attach()
+
+    def _attach(self) -> None:
+        """Subscribe to notifications and start polling, in this process (again, after a fork)."""
+        self._generation = _fork_generation[0]
+        self._feed = self._feed_of_this_process()
+        if self._feed is not None:
+            self._feed.subscribe(self._group, self._on_notification)
         self._stop_polling = threading.Event()
-        self._poller = threading.Thread(target=self._poll, name=f"djstm-poll-{name}", daemon=True)
+        self._poller = threading.Thread(target=self._poll, name=f"djstm-poll-{self.name}", daemon=True)
         self._poller.start()
 
     # -- DVars ---------------------------------------------------------------------
@@ -515,6 +566,8 @@ class DistributedStore(StoreBase):
         """The session of transaction ``tx`` with this store (created on first use)."""
         session = tx.remote
         if session is None:
+            if self._generation != _fork_generation[0]:
+                self._attach()  # opened before this process was forked: its threads stayed in the parent
             self._check_open()
             refuse_in_event_loop(f"a transaction on distributed store {self.name!r}")
             session = tx.remote = _Session(self, tx)
@@ -536,6 +589,9 @@ class DistributedStore(StoreBase):
         self._install_rows(rows, [dvar])
 
     def _deleted(self, dvar: RemoteDVar) -> StoreUnavailable:
+        with self._opening:
+            if self._dvars.get(dvar.key) is dvar:
+                del self._dvars[dvar.key]  # so that store.dvar(name, default) creates it anew
         return StoreUnavailable(
             f"DVar {dvar.name!r} of store {self.name!r} ({self.where}) was deleted from the database; "
             "open it again with store.dvar(name, default) to create it anew"
@@ -546,21 +602,32 @@ class DistributedStore(StoreBase):
     def _next_epoch(self) -> int:
         return next(self._epochs)  # called under the commit lock, so epochs follow install order
 
-    def _install_rows(self, rows: list[postgres.FetchedRow], dvars: list[RemoteDVar]) -> tuple[int, set]:
+    def _install_rows(
+        self, rows: list[postgres.FetchedRow], dvars: list[RemoteDVar], required: Any = None
+    ) -> tuple[int, set]:
         """Install rows fetched in one snapshot; return their epoch and the DVars whose value changed.
 
         A row older than the cached state means the cache already moved past this snapshot: it
-        counts as changed, so a transaction that read it re-runs.
+        counts as changed, so a transaction that read it re-runs. A row that is gone or does not
+        decode raises for the DVars in ``required`` (default: all); for the others it only counts
+        as changed, so one bad row cannot break reads of the rows fetched with it.
         """
         by_key = {dvar.key: dvar for dvar in dvars}
+        required = dvars if required is None else required
         decoded = {}
+        broken: set[RemoteDVar] = set()
         for row in rows:
             dvar = by_key[row.name]
-            if row.version is None:
-                raise self._deleted(dvar)
-            if row.value is not None:
-                decoded[dvar] = self._decode(dvar.name, dvar.codec, row.value)
-        changed: set[RemoteDVar] = set()
+            try:
+                if row.version is None:
+                    raise self._deleted(dvar)
+                if row.value is not None:
+                    decoded[dvar] = self._decode(dvar.name, dvar.codec, row.value)
+            except (StoreUnavailable, DVarDecodeError):
+                if dvar in required:
+                    raise
+                broken.add(dvar)
+        changed: set[RemoteDVar] = set(broken)
         epoch = 0
 
         def apply(new_version: int) -> list[RemoteDVar]:
@@ -569,6 +636,8 @@ class DistributedStore(StoreBase):
             self._remember_fetched(epoch, dvars)
             for row in rows:
                 dvar = by_key[row.name]
+                if dvar in broken:
+                    continue
                 local_version, state = dvar._state
                 if row.version > state[2] and dvar in decoded:
                     dvar._state = (new_version, (decoded[dvar], row.value, row.version, epoch))
