@@ -577,3 +577,10 @@ def test_opening_a_distributed_store_in_a_coroutine_says_how_to_do_it(store_name
 
     with pytest.raises(djstm.STMError, match="coroutine"):
         asyncio.run(main())
+
+
+def test_store_names_are_limited_so_every_name_fits_the_index():
+    from djstm.names import MAX_STORE_NAME_CHARS
+
+    with pytest.raises(djstm.InvalidName, match=f"the limit is {MAX_STORE_NAME_CHARS}"):
+        djstm.with_store(database=ALIAS, mode="distributed", name="s" * (MAX_STORE_NAME_CHARS + 1))
