@@ -144,7 +144,7 @@ class _Run:
         self.conflicts = conflicts
         self.abandoned = False  # set by a cancelled aatomically: do not commit
         self.lock = lock
-        self.carry = {} if carry is None else carry  # passed from each attempt to the next
+        self.carry = carry  # passed from each attempt to the next (Transaction.carried)
 
     def remaining(self) -> float | None:
         if self.deadline is None:
@@ -197,6 +197,7 @@ class _Run:
                     committed = True
                 finally:
                     current.tx = None
+                    self.carry = tx.carry
                     if tx.remote is not None:  # release what the attempt holds there (an open transaction)
                         tx.remote.end()
             finally:

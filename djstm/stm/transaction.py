@@ -112,8 +112,9 @@ class Transaction:
         self.remote: Any = None
         self.lock = lock  # the locking the caller asked for; None: the store's default
         self.conflicts = conflicts  # how many earlier attempts of this atomically call conflicted
-        # What an aborted attempt leaves for the next one (e.g. rows to lock up front); keyed by its owner.
-        self.carry: dict = {} if carry is None else carry
+        # What an aborted attempt leaves for the next one (e.g. rows to lock up front), keyed by its owner;
+        # None until something is left (see carried()).
+        self.carry: dict | None = carry
 
     # -- reading and writing -------------------------------------------------
 
@@ -211,24 +212,55 @@ class Transaction:
                 with commit_lock:
                     self.callback_ticket = callback_order.take_ticket()
             return []
-        self._wait_for_escalated()
+        if escalation_gate.locked():
+            self._wait_for_escalated()
         stores = self.stores
+        reads = self.reads
+        # The checks of the reads are written out here, not called: this is the hot path of every commit.
         if not commit_lock.acquire(False):
             # The holder is a thread preempted mid-commit. Queueing behind it costs a context switch,
             # and if what we read is already stale the wait is for nothing: re-run at once instead.
-            self._check_reads()
+            for tvar, version in reads.items():
+                if tvar._state[0] != version:
+                    raise _Conflict
             commit_lock.acquire()
         try:
-            self._check_reads()
+            for tvar, version in reads.items():
+                if tvar._state[0] != version:
+                    raise _Conflict
             if stores:
                 self._refuse_closed_stores()
-            receipts, woken = self._install(None)
+            # _install, written out for the same reason.
+            new_version = clock[0] + 1
+            woken: dict[Any, None] | None = None
+            for tvar, value in writes.items():
+                tvar._state = (new_version, value)
+                if tvar._waiters:
+                    if woken is None:
+                        woken = {}
+                    woken.update(tvar._waiters)
+            receipts = []
+            if stores:
+                if self.durable:
+                    receipts = [(store, store.accept_commit(writes)) for store in stores]
+                else:
+                    for store in stores:
+                        store.accept_commit(writes)
+            if self.callbacks:
+                self.callback_ticket = callback_order.take_ticket()
+            clock[0] = new_version  # the linearization point: from here on others see this commit
         finally:
             commit_lock.release()
         if woken:
             for waiter in woken:
                 waiter.wake()
         return receipts
+
+    def carried(self) -> dict:
+        """What earlier attempts of this call left for the next ones (created on first use)."""
+        if self.carry is None:
+            self.carry = {}
+        return self.carry
 
     def _wait_for_escalated(self) -> None:
         if escalation_gate.locked() and not self.escalated:

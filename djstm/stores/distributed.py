@@ -169,12 +169,12 @@ class _Session:
             self.mode = "joined"
             self.private = {}
             return
-        backoff = tx.carry.pop((store, "backoff"), 0)
+        backoff = tx.carried().pop((store, "backoff"), 0)
         if backoff:
             time.sleep(backoff)
         lock = tx.lock or store.lock
-        carried = tx.carry.pop((store, "lock"), None)
-        stale = tx.carry.pop((store, "stale"), None)
+        carried = tx.carried().pop((store, "lock"), None)
+        stale = tx.carried().pop((store, "stale"), None)
         pessimistic = lock == "pessimistic" or (lock == "auto" and tx.conflicts >= AUTO_PESSIMISTIC_AFTER)
         self.mode = "pessimistic" if pessimistic or carried else "optimistic"
         # Still free to start pessimistic, if the first row it touches is one others keep changing.
@@ -243,7 +243,7 @@ class _Session:
         """Lock rows ``keys`` (sorted) in the database transaction, opening it if needed."""
         if self.highest is not None and keys[0] < self.highest:
             # Taking a lower name now could deadlock: re-run with everything known locked up front.
-            self.tx.carry[(self.store, "lock")] = self.locked.union(keys)
+            self.tx.carried()[(self.store, "lock")] = self.locked.union(keys)
             raise _Conflict
         dvars = [self.store._dvars[key] for key in keys]
         known = [dvar._state[1][2] for dvar in dvars]
@@ -329,7 +329,7 @@ class _Session:
                 rows = self._database(postgres.fetch_rows, [dvar.key for dvar in reads], list(known.values()))
                 moved = {row.name for row in rows if row.version != known[store._dvars[row.name]]}
                 if moved:
-                    tx.carry[(store, "stale")] = [store._dvars[key] for key in moved]
+                    tx.carried()[(store, "stale")] = [store._dvars[key] for key in moved]
                     raise _Conflict
             self.verified = reads
             return
@@ -349,7 +349,7 @@ class _Session:
         self.open = keep_open  # rolled back by end() if stale
         if outcome.stale:
             # The next attempt starts by fetching these rows, all in one snapshot.
-            tx.carry[(store, "stale")] = [store._dvars[key] for key in outcome.stale]
+            tx.carried()[(store, "stale")] = [store._dvars[key] for key in outcome.stale]
             store._note_contended(outcome.stale)
             raise _Conflict
         self.written = outcome.written
@@ -461,13 +461,13 @@ class _Session:
             return operation(store.alias, store.name, *args)
         except postgres.TransientDatabaseError as error:
             self.open = False
-            failures = self.tx.carry.get((store, "failures"), 0) + 1
-            self.tx.carry[(store, "failures")] = failures
+            failures = self.tx.carried().get((store, "failures"), 0) + 1
+            self.tx.carried()[(store, "failures")] = failures
             if self.mode == "joined" or failures > store.database_retries:
                 raise StoreUnavailable(self._failure_message(error, failures, naming)) from error
             # The next attempt first waits a little, outside any lock: a restarting server or a lock holder
             # gets ahead.
-            self.tx.carry[(store, "backoff")] = min(1.0, 0.01 * 2**failures)
+            self.tx.carried()[(store, "backoff")] = min(1.0, 0.01 * 2**failures)
             raise _Conflict from None
 
     def _failure_message(self, error: postgres.TransientDatabaseError, failures: int, naming: list[str]) -> str:
