@@ -201,10 +201,9 @@ def _open_distributed(database: str, name: str, lock: str | None, poll_interval:
     # The database's name identifies it across processes whatever alias or host spelling they use; two
     # servers with equal names only share notifications, which costs a re-check, never a wrong value.
     identity = connections.settings[database]["NAME"]
-    settings_dict = connections.settings[database]
-    server = f"{settings_dict.get('HOST') or 'localhost'}:{settings_dict.get('PORT') or 5432}"
     with _registry_lock:
-        key = (f"distributed:{server}/{identity}", name)
+        # One store per alias: a transaction joins the caller's transaction.atomic() on the store's alias.
+        key = (f"distributed-alias:{database}", name)
         store = _open_stores.get(key)
         if store is not None and not store.closed:
             _users[store] += 1

@@ -149,6 +149,7 @@ class _Session:
         "written",
         "verified",
         "auto",
+        "relock",
     )
 
     def __init__(self, store: DistributedStore, tx: Any) -> None:
@@ -165,6 +166,9 @@ class _Session:
         self.private: dict[RemoteDVar, tuple] | None = None  # rows read inside the caller's transaction
         self.written: dict[str, int] = {}  # new row versions, once committed
         self.verified: list[RemoteDVar] = []  # rows the commit found unchanged
+        # Rows first locked inside a savepoint of the caller's code (transaction.atomic() in fn), with the
+        # version then: rolling the savepoint back releases the lock, so the commit takes it again and checks.
+        self.relock: dict[str, int] = {}
         if postgres.in_callers_transaction(store.alias):
             self.mode = "joined"
             self.private = {}
@@ -179,10 +183,14 @@ class _Session:
         self.mode = "pessimistic" if pessimistic or carried else "optimistic"
         # Still free to start pessimistic, if the first row it touches is one others keep changing.
         self.auto = lock == "auto" and self.mode == "optimistic"
-        if carried:
-            self._lock(sorted(carried))
-        elif stale:
-            self._refresh(stale, read=())
+        try:
+            if carried:
+                self._lock(sorted(carried))
+            elif stale:
+                self._refresh(stale, read=())
+        except BaseException:
+            self.end()  # the engine does not know this session yet, so it would not end it
+            raise
 
     # -- reading and writing ------------------------------------------------------
 
@@ -259,6 +267,8 @@ class _Session:
             if dvar.key not in found:
                 raise self.store._deleted(dvar)
         self.store._install_rows(rows, dvars)
+        if connections[self.store.alias].in_atomic_block:
+            self.relock.update((dvar.key, dvar._state[1][2]) for dvar in dvars)
 
     def _refresh(self, dvars: list[RemoteDVar] | Any, read: list[RemoteDVar] | Any, required: Any = ()) -> None:
         """Fetch ``read`` and ``dvars`` in one snapshot; ``_Conflict`` if one of ``read`` had changed.
@@ -276,6 +286,12 @@ class _Session:
         self.fresh = True
 
     # -- the engine's side: commit, end, retry -------------------------------------
+
+    def _check_relocked(self) -> None:
+        keys = sorted(self.relock)
+        rows = self._database(postgres.lock_rows, keys, [self.relock[key] for key in keys], naming=keys)
+        if len(rows) != len(keys) or any(row.version != self.relock[row.name] for row in rows):
+            raise _Conflict  # changed while a rolled-back savepoint had released it: run again
 
     @property
     def holds_locks(self) -> bool:
@@ -296,6 +312,9 @@ class _Session:
         writes = [dvar for dvar in tx.writes if dvar._store is store]
         if self.mode == "optimistic":
             self._commit_checked(tx, writes, keep_open=local)
+        elif self.mode == "pessimistic":
+            if self.relock:
+                self._check_relocked()  # may wait for a row lock: here, not under the commit lock
         elif self.mode == "joined":
             self._commit_joined(tx, writes)
 
@@ -567,7 +586,9 @@ class DistributedStore(StoreBase):
         session = tx.remote
         if session is None:
             if self._generation != _fork_generation[0]:
-                self._attach()  # opened before this process was forked: its threads stayed in the parent
+                with self._opening:
+                    if self._generation != _fork_generation[0]:
+                        self._attach()  # opened before this process was forked: its threads stayed in the parent
             self._check_open()
             refuse_in_event_loop(f"a transaction on distributed store {self.name!r}")
             session = tx.remote = _Session(self, tx)
@@ -634,20 +655,27 @@ class DistributedStore(StoreBase):
             nonlocal epoch
             epoch = self._next_epoch()
             self._remember_fetched(epoch, dvars)
+            installed = []
             for row in rows:
                 dvar = by_key[row.name]
-                if dvar in broken:
-                    continue
                 local_version, state = dvar._state
-                if row.version > state[2] and dvar in decoded:
+                if dvar in broken:
+                    # Gone or undecodable: the next read of it fetches again, and raises where it is read.
+                    if state[3] != STALE:
+                        dvar._state = (new_version, (*state[:3], STALE))
+                        installed.append(dvar)
+                elif row.version == state[2]:
+                    dvar._state = (local_version, (*state[:3], epoch))
+                elif dvar in decoded:
+                    # Usually newer; older only if the row was deleted and created anew, or if a
+                    # slower query's snapshot lands after a newer one (a commit check then corrects it).
                     dvar._state = (new_version, (decoded[dvar], row.value, row.version, epoch))
                     dvar.row_version = row.version
                     changed.add(dvar)
-                elif row.version == state[2]:
-                    dvar._state = (local_version, (*state[:3], epoch))
+                    installed.append(dvar)
                 else:
                     changed.add(dvar)
-            return [dvar for dvar in changed if dvar in decoded]
+            return installed
 
         refresh(apply)
         return epoch, changed
@@ -686,7 +714,7 @@ class DistributedStore(StoreBase):
                 if dvar is None:
                     continue
                 state = dvar._state[1]
-                if version > state[2]:
+                if version != state[2]:  # lower too: the row was deleted and created anew
                     dvar._state = (new_version, (*state[:3], STALE))
                     changed.append(dvar)
             return changed

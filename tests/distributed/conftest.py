@@ -56,3 +56,17 @@ def run_sql(sql, params=()):
     with psycopg.connect(require_postgres(), autocommit=True) as connection:
         cursor = connection.execute(sql, params)
         return cursor.fetchall() if cursor.description else None
+
+
+def bump_by_hand(store_name, name, value_text):
+    """Change a row the way another program would: new value, version + 1, no notification."""
+    run_sql(
+        "UPDATE djstm_dvar SET value = %s, version = version + 1 WHERE store = %s AND name = %s",
+        [value_text, store_name, name],
+    )
+
+
+def stored(store_name, name):
+    """The row's (value text, version) as the database has it, or None."""
+    rows = run_sql("SELECT value, version FROM djstm_dvar WHERE store = %s AND name = %s", [store_name, name])
+    return rows[0] if rows else None

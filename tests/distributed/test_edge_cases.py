@@ -11,25 +11,12 @@ from pathlib import Path
 
 import pytest
 from django.db import connections, transaction
-from django.test.utils import override_settings
 
 import djstm
 
-from .conftest import ALIAS, run_sql
+from .conftest import ALIAS, bump_by_hand, run_sql, stored
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def bump_by_hand(store_name, name, value_text):
-    run_sql(
-        "UPDATE djstm_dvar SET value = %s, version = version + 1 WHERE store = %s AND name = %s",
-        [value_text, store_name, name],
-    )
-
-
-def stored(store_name, name):
-    rows = run_sql("SELECT value, version FROM djstm_dvar WHERE store = %s AND name = %s", [store_name, name])
-    return rows[0] if rows else None
 
 
 def in_thread(fn, timeout=10):
@@ -261,7 +248,6 @@ def test_forked_workers_wake_each_other(store_name, tmp_path, how):
     assert lines, done.stderr[-3000:]
     woke_after = lines[0]["woke_after"]
     assert woke_after is not None and woke_after < 4, f"the forked waiter woke after {woke_after}s (None: never)"
-
 
 
 # -- the longest names that pass validation fit the index ----------------------------------------------------

@@ -11,26 +11,13 @@ import djstm
 from djstm.stores.distributed import AUTO_PESSIMISTIC_AFTER
 from tests.conftest import run_threads, wait_until
 
-from .conftest import ALIAS, run_sql
+from .conftest import ALIAS, bump_by_hand, run_sql, stored
 
 
 def queries_of(fn, **kwargs):
     with CaptureQueriesContext(connections[ALIAS]) as captured:
         djstm.atomically(fn, **kwargs)
     return len(captured)
-
-
-def bump_by_hand(store_name, name, value_text):
-    """Change a row the way another program would: new value, version + 1, no notification."""
-    run_sql(
-        "UPDATE djstm_dvar SET value = %s, version = version + 1 WHERE store = %s AND name = %s",
-        [value_text, store_name, name],
-    )
-
-
-def stored(store_name, name):
-    (row,) = run_sql("SELECT value, version FROM djstm_dvar WHERE store = %s AND name = %s", [store_name, name])
-    return row
 
 
 def transfer(source, target, amount):
