@@ -108,7 +108,12 @@ def with_store(
     if mode != "durable":
         raise STMError(f'with_store(mode={mode!r}) is not available in this version of djstm; use mode="durable"')
 
-    from ..backends.connections import alias_for_sqlite_file, describe_database, ensure_django, ensure_schema
+    from ..backends.connections import (
+        alias_for_sqlite_file,
+        describe_database,
+        ensure_django,
+        ensure_schema,
+    )
     from ..backends.locking import acquire_store_lease
     from ..backends.sqlite_files import inspect_store_file
     from .durable import DurableStore

@@ -22,7 +22,12 @@ from typing import Any
 
 from django.db import connections
 
-from ..backends.rows import commits_independently, fold_log_into_file, load_row, upsert_rows
+from ..backends.rows import (
+    commits_independently,
+    fold_log_into_file,
+    load_row,
+    upsert_rows,
+)
 from ..names import Name
 from ..stm.transaction import commit_lock
 from .base import MISSING, StoreBase, refuse_in_event_loop

@@ -56,7 +56,7 @@ def bounded(fn, timeout):
 
 
 def test_failed_up_front_lock_in_a_pessimistic_restart_leaves_no_open_transaction(open_store, store_name):
-    """_Session.__init__ locks the carried rows (begin_locked: BEGIN + autocommit=False), then raises
+    """Session.__init__ locks the carried rows (begin_locked: BEGIN + autocommit=False), then raises
     (a row that does not decode); tx.remote was never assigned, so end() never rolls back."""
     store = open_store(poll_interval=60)
     a, b = store.dvar("a", 0), store.dvar("b", 0)
