@@ -357,6 +357,26 @@ def test_a_commit_whose_notification_never_comes_wakes_within_the_poll_interval(
     print(f"\nwake-ups without a notification (poll 0.5 s): {fmt(latencies)}")
 
 
+def test_a_writer_killed_before_its_notification_went_out_still_wakes_waiters(services, store_name):
+    """A real djstm writer commits, its notification never leaves (its Redis is unreachable), and it is
+    SIGKILLed at once: the blocked transaction in another process wakes by polling."""
+    with Children() as children:
+        waiter = children.start("waiter", "waiter", f"{store_name}@0.5*1")
+        # Port 9 (discard) on loopback: nothing listens, so this writer's notifications are lost.
+        unreachable = child_env(DJSTM_REDIS_URL="redis://127.0.0.1:9/0")
+        writer = children.start("writer", "committer", store_name, env=unreachable)
+        waiter.expect("ready", timeout=30)
+        writer.expect("ready", timeout=30)
+        time.sleep(0.3)
+        writer.send(store_name)
+        committed = writer.expect("committed", timeout=30)
+        writer.kill()
+        woke = waiter.expect("wake", timeout=20)
+        assert woke["value"] == committed["value"] == 1
+        assert woke["t"] - committed["t"] < 0.5 + 1.0, "a poll interval of 0.5 s should have caught the commit"
+        waiter.finish(timeout=20)
+
+
 # -- 7. pessimistic transactions in random orders ---------------------------------------------------------
 
 
