@@ -161,3 +161,21 @@ def test_watch_prints_each_change_and_stops_cleanly_on_ctrl_c(shop):
         watcher.kill()
     assert watcher.returncode == 0, err
     assert out.strip().endswith("stopped")
+
+
+def test_set_and_get_on_a_durable_store(tmp_path):
+    from django.db import connections
+
+    path = tmp_path / "settings.sqlite3"
+    with djstm.with_store(path, name="site") as store:
+        store.dvar("theme", "light")
+    alias = "durable-cmd"
+    connections.settings[alias] = {**connections.settings["stores"], "NAME": str(path)}
+    try:
+        run("set", "--database", alias, "--store", "site", "theme", '"dark"')
+        assert json.loads(run("get", "--database", alias, "--store", "site", "theme")) == "dark"
+    finally:
+        connections[alias].close()
+        del connections.settings[alias]
+    with djstm.with_store(path, name="site") as store:
+        assert store.dvar("theme").peek() == "dark"
