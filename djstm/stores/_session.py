@@ -217,6 +217,8 @@ class Session:
                 "committed; open the store again (djstm.with_store) and use its DVars"
             )
         writes = [dvar for dvar in tx.writes if dvar._store is store]
+        if writes and self.mode != "joined":
+            tx.add_callback(self._announce)  # runs once committed, in commit order, outside the locks
         if self.mode == "optimistic":
             self._commit_checked(tx, writes, keep_open=local)
         elif self.mode == "pessimistic":
@@ -224,6 +226,9 @@ class Session:
                 self._check_relocked()  # may wait for a row lock: here, not under the commit lock
         elif self.mode == "joined":
             self._commit_joined(tx, writes)
+
+    def _announce(self) -> None:
+        self.store.announce(self.written)
 
     def commit(self, tx: Any) -> bool:
         """Finish the database commit; never waits for a row lock. False: deferred to the caller's transaction."""

@@ -52,6 +52,7 @@ from ..backends import postgres
 from ..codecs import Codec
 from ..errors import DVarDecodeError, NoTransaction, STMError, StoreUnavailable
 from ..names import Name
+from ..signals import dvar_changed
 from ..stm._context import current, in_event_loop
 from ..stm.transaction import commit_lock, refresh
 from ._session import (
@@ -350,6 +351,12 @@ class DistributedStore(StoreBase):
             message = {"store": self.name, "origin": _PROCESS_TOKEN, "changes": [[k, v] for k, v in written.items()]}
             self._feed.publish(self._group, message)
 
+    def announce(self, written: dict[str, int]) -> None:
+        """Send ``djstm.signals.dvar_changed`` for a commit of this process (after it, outside the locks)."""
+        if written and dvar_changed.has_listeners(self):
+            changes = list(written.items())
+            dvar_changed.send(sender=self, store=self.name, database=self.alias, changes=changes)
+
     def _on_notification(self, message: dict) -> None:
         if message.get("origin") == _PROCESS_TOKEN or message.get("store") != self.name:
             return
@@ -374,6 +381,7 @@ class DistributedStore(StoreBase):
         refresh(apply)
         if written:
             self.publish(written)
+            self.announce(written)
         for callback in callbacks or ():
             callback()
 

@@ -571,3 +571,32 @@ def test_store_names_are_limited_so_every_name_fits_the_index():
 
     with pytest.raises(djstm.InvalidName, match=f"the limit is {MAX_STORE_NAME_CHARS}"):
         djstm.with_store(database=ALIAS, mode="distributed", name="s" * (MAX_STORE_NAME_CHARS + 1))
+
+
+def test_dvar_changed_is_sent_after_each_commit_with_names_and_versions(open_store, store_name, orders_table):
+    from djstm.signals import dvar_changed
+
+    store = open_store()
+    stock, sold = store.dvar("stock", 3), store.dvar("sold", 0)
+    seen = []
+
+    def receiver(sender, store, database, changes, **kwargs):
+        # Sent outside djstm's locks: a receiver may run a transaction of its own.
+        seen.append((sender, store, database, sorted(changes), djstm.atomically(sold.read)))
+
+    dvar_changed.connect(receiver)
+    try:
+        djstm.atomically(lambda: (stock.write(stock.read() - 1), sold.write(sold.read() + 1)))
+        assert seen == [(store, store_name, ALIAS, [("sold", 1), ("stock", 1)], 1)]
+        djstm.atomically(stock.read)  # read-only: nothing changed, nothing sent
+        assert len(seen) == 1
+        with transaction.atomic(using=ALIAS):
+            djstm.atomically(lambda: stock.write(0))
+            assert len(seen) == 1  # not before the caller's transaction commits
+        assert seen[-1][3] == [("stock", 2)]
+        with pytest.raises(RuntimeError), transaction.atomic(using=ALIAS):
+            djstm.atomically(lambda: stock.write(5))
+            raise RuntimeError
+        assert len(seen) == 2  # a rolled-back caller sends nothing
+    finally:
+        dvar_changed.disconnect(receiver)
