@@ -53,6 +53,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             checks.Error(f"settings.DJSTM['DATABASE_RETRIES'] is {retries!r}", hint="give a whole number, 0 or more",
                          id="djstm.E005")
         )
+    if merged["ADMIN_DATABASE"] not in settings.DATABASES:
+        problems.append(
+            checks.Error(f"settings.DJSTM['ADMIN_DATABASE'] is {merged['ADMIN_DATABASE']!r}, not a database alias",
+                         hint=f"use one of {', '.join(settings.DATABASES)}", id="djstm.E006")
+        )
     problems.extend(_check_channel_layer(merged["CHANNEL_LAYER"]))
     return problems
 

@@ -19,6 +19,8 @@ DEFAULTS: dict[str, Any] = {
     "LOCK_TIMEOUT": 5.0,
     # How often a transaction is re-run after a database failure worth re-running before djstm gives up.
     "DATABASE_RETRIES": 5,
+    # The database alias whose DVars the admin shows and edits.
+    "ADMIN_DATABASE": "default",
 }
 
 

@@ -68,7 +68,9 @@ DATABASES["distributed"] = {
     "PASSWORD": _pg.password or "",
     "HOST": _pg.hostname or "127.0.0.1",
     "PORT": str(_pg.port or 5432),
-    "TEST": {"NAME": _pg.path.lstrip("/") or "test"},
+    # Never the shared database itself: a test that asks pytest-django for this alias gets (and later drops)
+    # a database of its own.
+    "TEST": {"NAME": "djstm_pytest_scratch"},
 }
 
 STATIC_URL = "/static/"

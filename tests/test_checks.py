@@ -30,6 +30,7 @@ def test_the_test_settings_pass():
         ({"LOCK_TIMEOUT": "5"}, "djstm.E004"),
         ({"DATABASE_RETRIES": -1}, "djstm.E005"),
         (["LOCK", "auto"], "djstm.E001"),
+        ({"ADMIN_DATABASE": "nope"}, "djstm.E006"),
     ],
 )
 def test_bad_settings_are_reported_with_their_id(djstm, expected):

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .distributed import DistributedStore
     from .durable import DurableStore
 
-__all__ = ["with_store", "MODES"]
+__all__ = ["MODES", "open_store_in", "with_store"]
 
 MODES = ("durable", "large", "distributed")
 
@@ -231,3 +231,17 @@ def _open_distributed(database: str, name: str, lock: str | None, poll_interval:
             closing=_registry_lock,
         )
         return _register(key, store)
+
+
+def open_store_in(database: str, name: str) -> DurableStore | DistributedStore:
+    """Open store ``name`` of database alias ``database`` in the mode its engine serves.
+
+    Distributed on PostgreSQL, durable on SQLite: what djstm's own tools (the admin, ``manage.py djstm``)
+    use to reach a store they find in the table. Release it (or use ``with``) when done.
+    """
+    from ..backends.connections import ensure_django, vendor_of
+
+    ensure_django()
+    _known_alias(database)
+    mode = "distributed" if vendor_of(database) == "postgresql" else "durable"
+    return with_store(database=database, mode=mode, name=name)

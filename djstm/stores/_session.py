@@ -227,6 +227,12 @@ class Session:
         elif self.mode == "joined":
             self._commit_joined(tx, writes)
 
+    def version_seen(self, dvar: RemoteDVar) -> int:
+        """The row version of ``dvar`` this attempt read (call after reading it)."""
+        if self.private is not None and dvar in self.private:
+            return self.private[dvar][2]
+        return dvar._state[1][2]
+
     def _announce(self) -> None:
         self.store.announce(self.written)
 

@@ -73,6 +73,10 @@ class StoreBase:
             return dvar
 
     def _codec_for(self, name: Name, type: Any, default: Any) -> Codec:
+        if isinstance(type, Codec):  # djstm's own tools pass the codec a stored type tag names
+            if default is not MISSING:
+                type.dumps(default)  # raises DVarTypeError if the default does not fit
+            return type
         try:
             if default is MISSING:
                 return codec_for(type)

@@ -20,6 +20,7 @@ from djstm.codecs import codec_from_tag
 from djstm.errors import DVarDecodeError, STMError
 from djstm.models import DVarRecord
 from djstm.names import parse_name
+from djstm.stores import open_store_in
 
 _EXPORT_FIELDS = ("store", "name", "type", "version", "value")
 
@@ -117,8 +118,7 @@ class Command(BaseCommand):
     # -- writing -----------------------------------------------------------------------------------------
 
     def _open(self, database: str, store: str):
-        mode = "distributed" if connections[database].vendor == "postgresql" else "durable"
-        return djstm.with_store(database=database, mode=mode, name=store)
+        return open_store_in(database, store)
 
     def _dvar(self, opened, database: str, store: str, name: str):
         self._record(database, store, name)  # a clear error for an unknown name
