@@ -19,8 +19,10 @@ DEFAULTS: dict[str, Any] = {
     "LOCK_TIMEOUT": 5.0,
     # How often a transaction is re-run after a database failure worth re-running before djstm gives up.
     "DATABASE_RETRIES": 5,
-    # The database alias whose DVars the admin shows and edits.
+    # The database alias whose DVars the admin shows and edits, and live pages (djstm.consumers) follow.
     "ADMIN_DATABASE": "default",
+    # Who may follow which DVar over a websocket: a callable (user, store, name) -> bool, or its dotted path.
+    "CAN_READ": "djstm.consumers.staff_may_read",
 }
 
 
