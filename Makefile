@@ -16,6 +16,7 @@ venv: $(INSTALLED)
 
 demo: $(INSTALLED)
 	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py migrate --database board --noinput
 	$(BIN)/python manage.py runserver 127.0.0.1:8000
 
 test: $(INSTALLED)

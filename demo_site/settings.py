@@ -53,13 +53,25 @@ TEMPLATES = [
     }
 ]
 
-DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": VAR_DIR / "demo.sqlite3"}}
+DATABASES = {
+    "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": VAR_DIR / "demo.sqlite3"},
+    # The board's store file, as a database too: the admin edits its DVars, live pages follow them.
+    "board": {"ENGINE": "django.db.backends.sqlite3", "NAME": VAR_DIR / "board.sqlite3", "OPTIONS": {"timeout": 30}},
+}
+DATABASE_ROUTERS = ["demo_site.routers.BoardStoreRouter"]
 
 # One process, so the in-memory layer is enough; `make demo-distributed` (a later step) uses Redis.
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 # The board's durable store: a SQLite file of its own, opened with djstm.with_store.
 BOARD_STORE_PATH = VAR_DIR / "board.sqlite3"
+
+DJSTM = {
+    "ADMIN_DATABASE": "board",
+    "CAN_READ": "demo_site.board.state.may_read",
+    # A durable store's commits reach live pages when the consumer re-reads them: often, here.
+    "POLL_INTERVAL": 0.5,
+}
 
 USE_TZ = True
 TIME_ZONE = "UTC"

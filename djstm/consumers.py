@@ -91,7 +91,7 @@ class DVarConsumer(AsyncJsonWebsocketConsumer):
     def _database_name(self) -> str:
         from django.db import connections
 
-        return connections.settings[self.database]["NAME"]
+        return str(connections.settings[self.database]["NAME"])
 
     def _wanted(self, store: str, name: str) -> bool:
         return name in self.names.get(store, ()) or any(name.startswith(p) for p in self.prefixes.get(store, ()))

@@ -42,6 +42,20 @@ def _revision() -> djstm.DVar[int]:
     return _store().dvar("revision", 0)
 
 
+def _banner() -> djstm.DVar[str]:
+    # Staff change it in the admin; every open page follows it live (djstm/static/djstm/live.js).
+    return _store().dvar("banner", "Welcome to the shared board.")
+
+
+#: The DVars of the board that anyone may follow live; the rest is for staff (DJSTM["CAN_READ"]).
+PUBLIC = {"banner", "clicks"}
+
+
+def may_read(user, store: str, name: str) -> bool:
+    """Who may follow which DVar over /ws/djstm/: everyone the public ones, staff everything."""
+    return name in PUBLIC or bool(getattr(user, "is_staff", False))
+
+
 def _bump_revision() -> None:
     _revision().modify(lambda r: r + 1)
 
@@ -68,6 +82,7 @@ def snapshot() -> dict:
     """The whole board as plain JSON-able data, from one consistent view."""
     return {
         "revision": _revision().read(),
+        "banner": _banner().read(),
         "clicks": _clicks().read(),
         "notes": [{"text": n.text, "posted_at": n.posted_at.isoformat()} for n in _notes().read()],
     }

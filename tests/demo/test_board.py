@@ -35,7 +35,10 @@ class DemoServer:
         self.port = _free_port()
         env = {**os.environ, "DJSTM_DEMO_VAR": str(var_dir), "PYTHONPATH": str(PROJECT)}
         env.pop("DJANGO_SETTINGS_MODULE", None)
-        subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=PROJECT, env=env, check=True, capture_output=True, timeout=120)
+        for database in ("default", "board"):  # as `make demo` does
+            subprocess.run([sys.executable, "manage.py", "migrate", "--database", database, "--noinput"],
+                           cwd=PROJECT, env=env, check=True, capture_output=True, timeout=120)
+        self.env = env
         self.process = subprocess.Popen(
             [sys.executable, "manage.py", "runserver", f"127.0.0.1:{self.port}", "--noreload"],
             cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -1,0 +1,138 @@
+"""The demo in a real browser (Debian's headless chromium, driven by Playwright): live banner, admin edits."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.demo.test_board import PROJECT, DemoServer
+
+CHROMIUM = "/usr/bin/chromium"
+# What this machine's closed network needs: no background connections, no sandbox as root.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def _missing(reason):
+    if os.environ.get("DJSTM_REQUIRE_SERVICES") == "1":
+        pytest.fail(reason + " (DJSTM_REQUIRE_SERVICES=1 forbids skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM) and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=900)
+    if not os.path.exists(CHROMIUM):
+        _missing(f"no chromium at {CHROMIUM}; install Debian's package: apt-get install chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the playwright package is missing; pip install -e '.[test]'")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    server = DemoServer(tmp_path_factory.mktemp("demo"))
+    env = {**server.env, "DJANGO_SUPERUSER_PASSWORD": "staff-password"}
+    subprocess.run(
+        [sys.executable, "manage.py", "createsuperuser", "--noinput", "--username", "staff", "--email", "s@x.invalid"],
+        cwd=PROJECT, env=env, check=True, capture_output=True, timeout=60,
+    )
+    yield server
+    server.stop()
+
+
+def url(demo, path):
+    return f"http://127.0.0.1:{demo.port}{path}"
+
+
+@pytest.fixture
+def staff(browser, demo):
+    """A browser context logged in to the admin as staff."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(url(demo, "/admin/login/"))
+    page.fill("#id_username", "staff")
+    page.fill("#id_password", "staff-password")
+    page.click("input[type=submit]")
+    page.wait_for_url(url(demo, "/admin/"))
+    yield context
+    context.close()
+
+
+def open_banner_in_admin(context, demo):
+    page = context.new_page()
+    page.goto(url(demo, "/admin/djstm/dvarrecord/?q=banner"))
+    page.click("#result_list a:text-is('banner')")
+    page.wait_for_selector("#id_value")
+    return page
+
+
+def save_value(admin_page, json_text):
+    admin_page.fill("#id_value", json_text)
+    admin_page.click("input[name=_save]")
+    admin_page.wait_for_load_state()
+
+
+def visitor_page(browser, demo):
+    page = browser.new_context().new_page()
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto(url(demo, "/"))
+    page.wait_for_function("document.querySelector('#status').textContent.includes('live')", timeout=10_000)
+    return page, dialogs
+
+
+def test_a_change_saved_in_the_admin_appears_on_an_open_page_within_2_seconds(browser, demo, staff):
+    from playwright.sync_api import expect
+
+    page, _ = visitor_page(browser, demo)
+    admin_page = open_banner_in_admin(staff, demo)
+    save_value(admin_page, '"Half price until noon"')
+    expect(page.locator("#banner")).to_have_text("Half price until noon", timeout=2000)
+
+
+def test_html_in_a_value_shows_as_text_and_runs_nothing(browser, demo, staff):
+    from playwright.sync_api import expect
+
+    attack = "<img src=x onerror=alert(1)>"
+    page, dialogs = visitor_page(browser, demo)
+    admin_page = open_banner_in_admin(staff, demo)
+    save_value(admin_page, f'"{attack}"')
+    expect(page.locator("#banner")).to_have_text(attack, timeout=2000)
+    assert page.locator("#banner img").count() == 0
+    again = open_banner_in_admin(staff, demo)
+    assert attack in again.locator(".field-pretty_value pre").inner_text()
+    assert again.locator(".field-pretty_value img").count() == 0
+    page.wait_for_timeout(300)
+    assert dialogs == []
+
+
+def test_two_admin_tabs_the_second_save_shows_the_conflict_and_the_first_value_stays(browser, demo, staff):
+    first, second = open_banner_in_admin(staff, demo), open_banner_in_admin(staff, demo)
+    save_value(first, '"First tab"')
+    save_value(second, '"Second tab"')
+    assert "changed by someone else" in second.content()
+    assert '"First tab"' in open_banner_in_admin(staff, demo).locator(".field-pretty_value pre").inner_text()
+
+
+def test_a_visitor_may_follow_the_banner_but_not_the_notes(browser, demo):
+    page, _ = visitor_page(browser, demo)
+    answer = page.evaluate(
+        """() => new Promise((resolve) => {
+            const socket = new WebSocket(`ws://${location.host}/ws/djstm/`);
+            socket.onopen = () => socket.send(JSON.stringify({subscribe: [{store: "default", name: "notes"}]}));
+            socket.onmessage = (message) => { resolve(JSON.parse(message.data)); socket.close(); };
+            setTimeout(() => resolve({timeout: true}), 5000);
+        })"""
+    )
+    assert "not allowed" in answer.get("error", ""), answer
