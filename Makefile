@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo demo-distributed test bench venv clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,16 @@ demo: $(INSTALLED)
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py migrate --database board --noinput
 	$(BIN)/python manage.py runserver 127.0.0.1:8000
+
+# Two workers on one PostgreSQL database and one Redis: open both pages, act on one, watch the other.
+demo-distributed: $(INSTALLED)
+	psql -h 127.0.0.1 -U postgres -d djstm_demo -c "SELECT 1" >/dev/null 2>&1 || createdb -h 127.0.0.1 -U postgres djstm_demo
+	DJANGO_SETTINGS_MODULE=demo_site.settings_distributed $(BIN)/python manage.py migrate --noinput
+	@echo "two workers: http://127.0.0.1:8001/ and http://127.0.0.1:8002/ (Ctrl-C stops both)"
+	trap 'kill 0' INT TERM EXIT; \
+	DJANGO_SETTINGS_MODULE=demo_site.settings_distributed $(BIN)/python manage.py runserver 127.0.0.1:8001 --noreload & \
+	DJANGO_SETTINGS_MODULE=demo_site.settings_distributed $(BIN)/python manage.py runserver 127.0.0.1:8002 --noreload & \
+	wait
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

@@ -60,11 +60,12 @@ DATABASES = {
 }
 DATABASE_ROUTERS = ["demo_site.routers.BoardStoreRouter"]
 
-# One process, so the in-memory layer is enough; `make demo-distributed` (a later step) uses Redis.
+# One process, so the in-memory layer is enough; `make demo-distributed` (settings_distributed.py) uses Redis.
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
-# The board's durable store: a SQLite file of its own, opened with djstm.with_store.
+# The board's durable store: a SQLite file of its own, opened with djstm.with_store(**BOARD_STORE).
 BOARD_STORE_PATH = VAR_DIR / "board.sqlite3"
+BOARD_STORE = {"path": BOARD_STORE_PATH, "name": "board"}
 
 DJSTM = {
     "ADMIN_DATABASE": "board",

@@ -83,3 +83,4 @@ CHANNEL_LAYERS = {
 }
 DJSTM = {"CHANNEL_LAYER": "djstm"}
 BOARD_STORE_PATH = os.path.join(_scratch, "board.sqlite3")
+BOARD_STORE = {"path": BOARD_STORE_PATH, "name": "board"}

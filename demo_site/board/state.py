@@ -27,7 +27,7 @@ class Note:
 @functools.cache
 def _store():
     # Opened on first use and kept open: djstm flushes it when the server process exits.
-    return djstm.with_store(settings.BOARD_STORE_PATH)
+    return djstm.with_store(**settings.BOARD_STORE)
 
 
 def _clicks() -> djstm.DVar[int]:

@@ -31,11 +31,12 @@ def _free_port():
 class DemoServer:
     """``manage.py runserver`` of the demo site, as ``make demo`` starts it, in a scratch directory."""
 
-    def __init__(self, var_dir):
+    def __init__(self, var_dir, databases=("default", "board"), **extra_env):
         self.port = _free_port()
-        env = {**os.environ, "DJSTM_DEMO_VAR": str(var_dir), "PYTHONPATH": str(PROJECT)}
-        env.pop("DJANGO_SETTINGS_MODULE", None)
-        for database in ("default", "board"):  # as `make demo` does
+        env = {**os.environ, "DJSTM_DEMO_VAR": str(var_dir), "PYTHONPATH": str(PROJECT), **extra_env}
+        if "DJANGO_SETTINGS_MODULE" not in extra_env:
+            env.pop("DJANGO_SETTINGS_MODULE", None)
+        for database in databases:  # as `make demo` does
             subprocess.run([sys.executable, "manage.py", "migrate", "--database", database, "--noinput"],
                            cwd=PROJECT, env=env, check=True, capture_output=True, timeout=120)
         self.env = env
@@ -107,7 +108,7 @@ def test_the_board_survives_restarting_the_server(tmp_path):
 
 @pytest.fixture
 def board_store(settings, tmp_path, django_db_blocker):
-    settings.BOARD_STORE_PATH = tmp_path / "board.sqlite3"
+    settings.BOARD_STORE = {"path": tmp_path / "board.sqlite3", "name": "board"}
     state._store.cache_clear()
     with django_db_blocker.unblock():
         yield

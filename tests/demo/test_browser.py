@@ -39,25 +39,56 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    server = DemoServer(tmp_path_factory.mktemp("demo"))
+def create_staff(server):
     env = {**server.env, "DJANGO_SUPERUSER_PASSWORD": "staff-password"}
     subprocess.run(
         [sys.executable, "manage.py", "createsuperuser", "--noinput", "--username", "staff", "--email", "s@x.invalid"],
         cwd=PROJECT, env=env, check=True, capture_output=True, timeout=60,
     )
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    server = DemoServer(tmp_path_factory.mktemp("demo"))
+    create_staff(server)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """`make demo-distributed`: two workers on a PostgreSQL database of their own and the shared Redis."""
+    import uuid
+
+    import psycopg
+
+    from tests.services import require_postgres, require_redis
+
+    dsn = require_postgres()
+    require_redis()
+    database = f"djstm_demo_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+    env = {"DJANGO_SETTINGS_MODULE": "demo_site.settings_distributed", "DJSTM_DEMO_DATABASE": database}
+    workers = []
+    try:
+        var = tmp_path_factory.mktemp("demo-distributed")
+        workers.append(DemoServer(var, databases=("default",), **env))
+        create_staff(workers[0])
+        workers.append(DemoServer(var, databases=(), **env))
+        yield workers
+    finally:
+        for worker in workers:
+            worker.stop()
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 def url(demo, path):
     return f"http://127.0.0.1:{demo.port}{path}"
 
 
-@pytest.fixture
-def staff(browser, demo):
-    """A browser context logged in to the admin as staff."""
+def logged_in(browser, demo):
     context = browser.new_context()
     page = context.new_page()
     page.goto(url(demo, "/admin/login/"))
@@ -65,6 +96,13 @@ def staff(browser, demo):
     page.fill("#id_password", "staff-password")
     page.click("input[type=submit]")
     page.wait_for_url(url(demo, "/admin/"))
+    return context
+
+
+@pytest.fixture
+def staff(browser, demo):
+    """A browser context logged in to the admin as staff."""
+    context = logged_in(browser, demo)
     yield context
     context.close()
 
@@ -130,9 +168,25 @@ def test_a_visitor_may_follow_the_banner_but_not_the_notes(browser, demo):
     answer = page.evaluate(
         """() => new Promise((resolve) => {
             const socket = new WebSocket(`ws://${location.host}/ws/djstm/`);
-            socket.onopen = () => socket.send(JSON.stringify({subscribe: [{store: "default", name: "notes"}]}));
+            socket.onopen = () => socket.send(JSON.stringify({subscribe: [{store: "board", name: "notes"}]}));
             socket.onmessage = (message) => { resolve(JSON.parse(message.data)); socket.close(); };
             setTimeout(() => resolve({timeout: true}), 5000);
         })"""
     )
     assert "not allowed" in answer.get("error", ""), answer
+
+
+def test_a_change_saved_on_one_worker_appears_on_a_page_of_the_other_within_2_seconds(browser, two_workers):
+    from playwright.sync_api import expect
+
+    first, second = two_workers
+    page, _ = visitor_page(browser, second)
+    admin = logged_in(browser, first)
+    try:
+        save_value(open_banner_in_admin(admin, first), '"Saved on the first worker"')
+        expect(page.locator("#banner")).to_have_text("Saved on the first worker", timeout=2000)
+        page.click("#click")  # and the board itself, changed on the second, shows on the first
+        other, _ = visitor_page(browser, first)
+        expect(other.locator("#clicks")).to_have_text("1", timeout=2000)
+    finally:
+        admin.close()
