@@ -84,3 +84,4 @@ CHANNEL_LAYERS = {
 DJSTM = {"CHANNEL_LAYER": "djstm"}
 BOARD_STORE_PATH = os.path.join(_scratch, "board.sqlite3")
 BOARD_STORE = {"path": BOARD_STORE_PATH, "name": "board"}
+BOARD_WORKER = False  # the test of the demo's background worker starts it itself

@@ -7,6 +7,7 @@ in ``retry`` until the revision differs from the one it has (``next_snapshot``).
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -27,7 +28,17 @@ class Note:
 @functools.cache
 def _store():
     # Opened on first use and kept open: djstm flushes it when the server process exits.
-    return djstm.with_store(**settings.BOARD_STORE)
+    store = djstm.with_store(**settings.BOARD_STORE)
+    if getattr(settings, "BOARD_WORKER", True):
+        threading.Thread(target=_celebrate_until_closed, name="board worker", daemon=True).start()
+    return store
+
+
+def _celebrate_until_closed() -> None:
+    try:
+        celebrate_forever()
+    except djstm.StoreClosed:
+        pass  # the server is stopping
 
 
 def _clicks() -> djstm.DVar[int]:
@@ -48,7 +59,7 @@ def _banner() -> djstm.DVar[str]:
 
 
 #: The DVars of the board that anyone may follow live; the rest is for staff (DJSTM["CAN_READ"]).
-PUBLIC = {"banner", "clicks"}
+PUBLIC = {"banner", "clicks", "note_limit"}
 
 
 def may_read(user, store: str, name: str) -> bool:
@@ -67,15 +78,50 @@ def click() -> None:
 
 
 def post_note(text: str) -> None:
-    """Pin a note on top of the board, keeping the newest ``MAX_NOTES``; ValueError if the text is unfit."""
+    """Pin a note on top of the board, keeping the newest ``note_limit``; ValueError if the text is unfit."""
     text = text.strip()
     if not text:
         raise ValueError("A note needs some text.")
     if len(text) > MAX_NOTE_LENGTH:
         raise ValueError(f"A note holds at most {MAX_NOTE_LENGTH} characters; this one has {len(text)}.")
+    _pin(text)
+
+
+def _pin(text: str) -> None:
     note = Note(text=text, posted_at=datetime.now(timezone.utc))
-    _notes().write(((note,) + _notes().read())[:MAX_NOTES])
+    limit = max(1, _note_limit().read())
+    _notes().write(((note,) + _notes().read())[:limit])
     _bump_revision()
+
+
+def _note_limit() -> djstm.DVar[int]:
+    # How many notes the board keeps: a setting staff tune in the admin.
+    return _store().dvar("note_limit", MAX_NOTES)
+
+
+def _celebrated() -> djstm.DVar[int]:
+    return _store().dvar("celebrated", 0)
+
+
+CELEBRATE_EVERY = 10
+
+
+def celebrate_next_milestone() -> int:
+    """Pin a note for the next multiple of ``CELEBRATE_EVERY`` clicks; blocks (retry) until there is one.
+
+    The milestone celebrated is a DVar, so with several workers each milestone is pinned exactly once.
+    """
+    milestone = _clicks().read() // CELEBRATE_EVERY * CELEBRATE_EVERY
+    djstm.check(milestone > _celebrated().read())
+    _celebrated().write(milestone)
+    _pin(f"🎉 {milestone} clicks!")
+    return milestone
+
+
+def celebrate_forever() -> None:
+    """The board's background worker: sleeps in retry until there is a milestone to celebrate."""
+    while True:
+        djstm.atomically(celebrate_next_milestone)
 
 
 def snapshot() -> dict:
@@ -83,6 +129,7 @@ def snapshot() -> dict:
     return {
         "revision": _revision().read(),
         "banner": _banner().read(),
+        "note_limit": _note_limit().read(),
         "clicks": _clicks().read(),
         "notes": [{"text": n.text, "posted_at": n.posted_at.isoformat()} for n in _notes().read()],
     }

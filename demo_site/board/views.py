@@ -14,7 +14,8 @@ def _wants_json(request: HttpRequest) -> bool:
 
 @require_GET
 def board(request: HttpRequest) -> HttpResponse:
-    return render(request, "board/board.html", {"board": djstm.atomically(state.snapshot)})
+    context = {"board": djstm.atomically(state.snapshot), "celebrate_every": state.CELEBRATE_EVERY}
+    return render(request, "board/board.html", context)
 
 
 @require_POST

@@ -141,3 +141,28 @@ def test_an_open_socket_receives_each_change_as_it_commits(board_store):
     assert second["clicks"] == first["clicks"] + 1
     assert second["revision"] > first["revision"]
     assert third["notes"][0]["text"] == "hello"
+
+
+def test_the_background_worker_pins_a_note_for_every_ten_clicks_once(board_store):
+    import threading
+
+    from tests.conftest import wait_until
+
+    worker = threading.Thread(target=state._celebrate_until_closed, daemon=True)
+    worker.start()
+    for _ in range(state.CELEBRATE_EVERY):
+        djstm.atomically(state.click)
+    first_note = lambda: [note["text"] for note in djstm.atomically(state.snapshot)["notes"]][:1]  # noqa: E731
+    wait_until(lambda: first_note() == ["🎉 10 clicks!"], timeout=5, what="the worker's note")
+    with pytest.raises(djstm.Timeout):  # nothing more to celebrate until 20
+        djstm.atomically(state.celebrate_next_milestone, timeout=0.3)
+    state._store().close()  # the worker, blocked in retry, ends with the store
+    worker.join(5)
+    assert not worker.is_alive()
+
+
+def test_staff_tune_how_many_notes_the_board_keeps(board_store):
+    djstm.atomically(lambda: state._note_limit().write(2))
+    for text in ("one", "two", "three"):
+        djstm.atomically(state.post_note, text)
+    assert [note["text"] for note in djstm.atomically(state.snapshot)["notes"]] == ["three", "two"]
