@@ -39,9 +39,9 @@ def _database() -> str:
 
 
 class _EditConflict(Exception):
-    def __init__(self, version: int) -> None:
+    def __init__(self, version: int, name: str = "", loaded: int = -1) -> None:
         super().__init__(version)
-        self.version = version
+        self.version, self.name, self.loaded = version, name, loaded
 
 
 def _version_seen(dvar: Any) -> int:
@@ -182,6 +182,85 @@ class DVarAdmin(admin.ModelAdmin):
             messages.error(request, conflict_message(current.name, int(request.POST.get("loaded_version", -1)),
                                                      current))
             return HttpResponseRedirect(request.path)
+
+    actions = ["edit_together"]
+
+    @admin.action(description="Edit the selected DVars together (one transaction)", permissions=["change"])
+    def edit_together(self, request: Any, queryset: Any) -> Any:
+        from django.http import HttpResponseRedirect
+
+        ids = ",".join(str(pk) for pk in queryset.values_list("pk", flat=True))
+        return HttpResponseRedirect(f"edit-together/?ids={ids}")
+
+    def get_urls(self) -> list:
+        from django.urls import path
+
+        together = path("edit-together/", self.admin_site.admin_view(self.edit_together_view),
+                        name="djstm_dvarrecord_edit_together")
+        return [together, *super().get_urls()]
+
+    def edit_together_view(self, request: Any) -> Any:
+        """Several DVars of one store in one form, saved in one ``atomically``: all of them, or none."""
+        from django.core.exceptions import PermissionDenied
+        from django.http import HttpResponseRedirect
+        from django.template.response import TemplateResponse
+
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        ids_text = request.POST.get("ids") if request.method == "POST" else request.GET.get("ids", "")
+        ids = [int(pk) for pk in (ids_text or "").split(",") if pk.isdigit()]
+        records = list(DVarRecord.objects.using(_database()).filter(pk__in=ids).order_by("store", "name"))
+        rows = [{"record": r, "text": _pretty(r.value), "version": r.version, "error": None} for r in records]
+        context = {**self.admin_site.each_context(request), "rows": rows, "ids": ids_text, "conflict": None,
+                   "opts": self.model._meta, "title": "Edit DVars together"}
+        if request.method == "POST" and rows:
+            if len({r.store for r in records}) > 1:
+                context["conflict"] = "Select DVars of one store: one transaction serves one store here."
+            elif self._validate_together(request, rows):
+                try:
+                    self._save_together(records[0].store, rows)
+                except _EditConflict as conflict:
+                    current = DVarRecord.objects.using(_database()).get(store=records[0].store, name=conflict.name)
+                    context["conflict"] = conflict_message(conflict.name, conflict.loaded, current)
+                else:
+                    for row in rows:
+                        self.log_change(request, row["record"], "Changed value (edited together).")
+                    self.message_user(request, f"Saved {len(rows)} DVars in one transaction.")
+                    return HttpResponseRedirect("../")
+        return TemplateResponse(request, "admin/djstm/edit_together.html", context)
+
+    def _validate_together(self, request: Any, rows: list[dict]) -> bool:
+        valid = True
+        for row in rows:
+            record = row["record"]
+            row["text"] = request.POST.get(f"value-{record.pk}", "")
+            row["version"] = int(request.POST.get(f"version-{record.pk}", record.version))
+            codec = codec_from_tag(record.type_tag)
+            try:
+                if codec is None:
+                    raise ValueError(f"type {record.type_tag} cannot be checked here")
+                json.loads(row["text"])
+                row["decoded"] = codec.loads(row["text"])
+            except (ValueError, DVarDecodeError) as error:
+                row["error"] = f"expected a value of type {record.type_tag}: {error}"
+                valid = False
+        return valid
+
+    def _save_together(self, store_name: str, rows: list[dict]) -> None:
+        store = open_store_in(_database(), store_name)
+        try:
+            dvars = [(store.dvar(parse_name(row["record"].name)), row) for row in rows]
+
+            def save_all() -> None:
+                for dvar, row in dvars:
+                    dvar.read()
+                    if _version_seen(dvar) != row["version"]:
+                        raise _EditConflict(_version_seen(dvar), row["record"].name, row["version"])
+                    dvar.write(row["decoded"])
+
+            djstm.atomically(save_all)
+        finally:
+            store.release()
 
     def delete_model(self, request: Any, obj: DVarRecord) -> None:
         obj.delete(using=_database())

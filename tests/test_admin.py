@@ -139,3 +139,47 @@ def test_permissions_are_honoured(client, shop):
     assert client.get(url).status_code == 200
     assert client.post(url, {"value": "1", "loaded_version": 0}).status_code == 403
     assert stored(shop.name, "price") == ("12", 0)
+
+
+def edit_together_page(admin_client, shop, names):
+    pks = [str(DVarRecord.objects.using(ALIAS).get(store=shop.name, name=n).pk) for n in names]
+    response = admin_client.post(
+        "/admin/djstm/dvarrecord/", {"action": "edit_together", "_selected_action": pks, "index": 0}
+    )
+    assert response.status_code == 302, response.content.decode()[:1000]
+    page = admin_client.get("/admin/djstm/dvarrecord/" + response["Location"])
+    return page.content.decode(), ",".join(sorted(pks, key=int))
+
+
+def together_form(page, ids, values):
+    form = {"ids": re.search(r'name="ids" value="([^"]*)"', page).group(1), "_save": "Save all"}
+    for pk, version in re.findall(r'name="version-(\d+)" value="(\d+)"', page):
+        form[f"version-{pk}"] = version
+    for pk, value in values.items():
+        form[f"value-{pk}"] = value
+    return form
+
+
+def test_several_dvars_edited_together_save_all_in_one_transaction(admin_client, shop):
+    shop.dvar("stock", 5)
+    page, ids = edit_together_page(admin_client, shop, ["price", "stock"])
+    price_pk, stock_pk = (DVarRecord.objects.using(ALIAS).get(store=shop.name, name=n).pk for n in ("price", "stock"))
+    saved = admin_client.post(
+        "/admin/djstm/dvarrecord/edit-together/", together_form(page, ids, {price_pk: "20", stock_pk: "4"})
+    )
+    assert saved.status_code == 302
+    assert (stored(shop.name, "price"), stored(shop.name, "stock")) == (("20", 1), ("4", 1))
+
+
+def test_several_dvars_edited_together_save_none_if_one_changed_meanwhile(admin_client, shop):
+    shop.dvar("stock", 5)
+    page, ids = edit_together_page(admin_client, shop, ["price", "stock"])
+    price_pk, stock_pk = (DVarRecord.objects.using(ALIAS).get(store=shop.name, name=n).pk for n in ("price", "stock"))
+    stock = shop.dvar("stock")
+    djstm.atomically(lambda: stock.write(3))  # someone else, meanwhile
+    response = admin_client.post(
+        "/admin/djstm/dvarrecord/edit-together/", together_form(page, ids, {price_pk: "20", stock_pk: "4"})
+    )
+    text = response.content.decode()
+    assert response.status_code == 200 and "DVar &#x27;stock&#x27; was changed by someone else" in text
+    assert (stored(shop.name, "price"), stored(shop.name, "stock")) == (("12", 0), ("3", 1))
