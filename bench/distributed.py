@@ -18,7 +18,6 @@ import time
 import uuid
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import urlsplit
 
 import djstm
 
@@ -58,15 +57,9 @@ def configure_django() -> None:
     from django.conf import settings
     from django.db import connections
 
-    url = urlsplit(dsn())
-    database = {
-        "ENGINE": "django.db.backends.postgresql",
-        "NAME": url.path.lstrip("/") or "test",
-        "USER": url.username or "postgres",
-        "PASSWORD": url.password or "",
-        "HOST": url.hostname or "127.0.0.1",
-        "PORT": str(url.port or 5432),
-    }
+    from djstm.conf import postgresql_database
+
+    database = postgresql_database(dsn())
     layer = {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": {"hosts": [redis_url()]}}
     if not settings.configured and not os.environ.get("DJANGO_SETTINGS_MODULE"):
         settings.configure(

@@ -5,20 +5,16 @@ DJSTM_DEMO_DATABASE (default djstm_demo), which `make demo-distributed` creates 
 """
 
 import os
-from urllib.parse import urlsplit
+
+from djstm.conf import postgresql_database
 
 from .settings import *  # noqa: F403  (the single-process demo, changed below)
 
-_pg = urlsplit(os.environ.get("DJSTM_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
 DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.postgresql",
-        "NAME": os.environ.get("DJSTM_DEMO_DATABASE", "djstm_demo"),
-        "USER": _pg.username or "postgres",
-        "PASSWORD": _pg.password or "",
-        "HOST": _pg.hostname or "127.0.0.1",
-        "PORT": str(_pg.port or 5432),
-    }
+    "default": postgresql_database(
+        os.environ.get("DJSTM_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
+        NAME=os.environ.get("DJSTM_DEMO_DATABASE", "djstm_demo"),
+    )
 }
 DATABASE_ROUTERS = []
 CHANNEL_LAYERS = {

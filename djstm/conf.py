@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DEFAULTS", "djstm_setting"]
+__all__ = ["DEFAULTS", "djstm_setting", "postgresql_database"]
 
 #: Every key ``settings.DJSTM`` may hold, with its default.
 DEFAULTS: dict[str, Any] = {
@@ -32,3 +32,22 @@ def djstm_setting(key: str) -> Any:
 
     configured = getattr(settings, "DJSTM", None) or {}
     return configured.get(key, DEFAULTS[key])
+
+
+def postgresql_database(dsn: str, **overrides: Any) -> dict[str, Any]:
+    """A ``settings.DATABASES`` entry for the PostgreSQL URL ``dsn`` (``postgresql://user:pw@host:port/name``).
+
+    For settings files and scripts that take the server from one environment variable.
+    """
+    from urllib.parse import urlsplit
+
+    url = urlsplit(dsn)
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": url.path.lstrip("/") or "postgres",
+        "USER": url.username or "postgres",
+        "PASSWORD": url.password or "",
+        "HOST": url.hostname or "127.0.0.1",
+        "PORT": str(url.port or 5432),
+        **overrides,
+    }

@@ -2,7 +2,8 @@
 
 import os
 import tempfile
-from urllib.parse import urlsplit
+
+from djstm.conf import postgresql_database
 
 SECRET_KEY = "djstm-tests-not-secret"
 DEBUG = False
@@ -60,18 +61,12 @@ DATABASES = {
 
 # Distributed stores: the PostgreSQL server and Redis that .ci/run starts (tests skip without them,
 # unless DJSTM_REQUIRE_SERVICES=1). Tests use store names of their own, so they share the database.
-_pg = urlsplit(os.environ.get("DJSTM_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
-DATABASES["distributed"] = {
-    "ENGINE": "django.db.backends.postgresql",
-    "NAME": _pg.path.lstrip("/") or "test",
-    "USER": _pg.username or "postgres",
-    "PASSWORD": _pg.password or "",
-    "HOST": _pg.hostname or "127.0.0.1",
-    "PORT": str(_pg.port or 5432),
+DATABASES["distributed"] = postgresql_database(
+    os.environ.get("DJSTM_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
     # Never the shared database itself: a test that asks pytest-django for this alias gets (and later drops)
     # a database of its own.
-    "TEST": {"NAME": "djstm_pytest_scratch"},
-}
+    TEST={"NAME": "djstm_pytest_scratch"},
+)
 
 STATIC_URL = "/static/"
 CHANNEL_LAYERS = {
