@@ -246,8 +246,13 @@ def _after_commit(tx: Transaction, receipts: list, result: Any) -> Any:
         for store, receipt in receipts:  # only a durable transaction has receipts
             store.wait_durable(receipt)
     finally:
-        if tx.callbacks:
-            callback_order.run(tx.callback_ticket, tx.callbacks)
+        try:
+            if tx.announcements:
+                for announcement in tx.announcements.values():
+                    announcement(tx)
+        finally:
+            if tx.callbacks:
+                callback_order.run(tx.callback_ticket, tx.callbacks)
     return result
 
 
@@ -331,7 +336,7 @@ def atomically(
         if tx.remote is not None:
             tx.remote.end()
     if conflicts is None:  # committed
-        if receipts or tx.callbacks:
+        if receipts or tx.callbacks or tx.announcements:
             return _after_commit(tx, receipts, result)
         return result
     # Conflicted or retried: go on with the full machinery (waiting, escalation, timeout).

@@ -78,6 +78,7 @@ class Transaction:
         "stores",
         "deadline",
         "remote",
+        "announcements",
         "lock",
         "conflicts",
         "carry",
@@ -110,6 +111,9 @@ class Transaction:
         # The session of the one remote (database-backed) store this transaction touched, if any: it commits
         # in the database first (see _commit_remote).
         self.remote: Any = None
+        # Stores' own after-commit work (e.g. sending a signal), kept through savepoint rollbacks: each looks
+        # at the final write set itself. None until a store adds one.
+        self.announcements: dict[Any, Any] | None = None
         self.lock = lock  # the locking the caller asked for; None: the store's default
         self.conflicts = conflicts  # how many earlier attempts of this atomically call conflicted
         # What an aborted attempt leaves for the next one (e.g. rows to lock up front), keyed by its owner;
@@ -148,6 +152,12 @@ class Transaction:
         if self._undo is not None:
             self._undo.append((tvar, writes.get(tvar, _MISSING)))
         writes[tvar] = value
+
+    def announce(self, store: Any, announcement: Any) -> None:
+        """Have ``announcement(tx)`` run once after this transaction commits (once per ``store``)."""
+        if self.announcements is None:
+            self.announcements = {}
+        self.announcements[store] = announcement
 
     def add_callback(self, callback: Any) -> None:
         if self.callbacks is None:

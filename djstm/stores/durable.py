@@ -29,6 +29,7 @@ from ..backends.rows import (
     upsert_rows,
 )
 from ..names import Name
+from ..signals import dvar_changed
 from ..stm.transaction import commit_lock
 from .base import MISSING, StoreBase, refuse_in_event_loop
 from .dvar import DVar
@@ -81,6 +82,12 @@ class DurableStore(StoreBase):
         return DVar(self, name, key, codec, self._decode(name, codec, row.value), row.value, row.version)
 
     # -- durability and life cycle --------------------------------------------
+
+    def announce_commit(self, tx: Any) -> None:
+        """After a commit that wrote this store's DVars: send ``djstm.signals.dvar_changed``."""
+        changes = [(dvar.key, dvar.row_version) for dvar in tx.writes if dvar._store is self]
+        if changes:
+            dvar_changed.send(sender=self, store=self.name, database=self.alias, changes=changes)
 
     def wait_durable(self, receipt: int | None) -> None:
         """Called after a ``durable=True`` commit with what ``accept_commit`` returned."""

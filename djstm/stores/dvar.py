@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..codecs import Codec
 from ..errors import DVarTypeError, NoTransaction
 from ..names import Name
+from ..signals import dvar_changed
 from ..stm._context import current
 from ..stm.tvar import TVar
 
@@ -60,8 +61,11 @@ class DVar(TVar[T]):
         if tx is None:
             raise NoTransaction(self._outside_message("write"))
         tx.write(self, self._encode(value))
-        if self._store not in tx.stores:
-            tx.stores[self._store] = None  # enlist: the store takes part in the commit, or refuses it if closed
+        store = self._store
+        if store not in tx.stores:
+            tx.stores[store] = None  # enlist: the store takes part in the commit, or refuses it if closed
+            if dvar_changed.receivers:
+                tx.announce(store, store.announce_commit)
 
     def _encode(self, value: Any) -> tuple[Any, str]:
         """``(value to keep, its text)``; the value kept is a private copy if the type is mutable."""

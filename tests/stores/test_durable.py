@@ -442,3 +442,28 @@ def test_the_same_file_by_path_and_by_alias_is_one_store():
     path = connections["stores"].settings_dict["NAME"]
     with djstm.with_store(database="stores") as by_alias, djstm.with_store(path) as by_path:
         assert by_path is by_alias
+
+
+def test_dvar_changed_is_sent_after_durable_commits(store_path):
+    from djstm.signals import dvar_changed
+
+    seen = []
+
+    def receiver(sender, store, database, changes, **kwargs):
+        seen.append((store, sorted(changes)))
+
+    with djstm.with_store(store_path) as store:
+        a, b = store.dvar("a", 0), store.dvar("b", 0)
+        dvar_changed.connect(receiver)
+        try:
+            djstm.atomically(lambda: (a.write(1), b.write(1)))
+
+            def only_a():  # b's write is rolled back with its branch: only a changed
+                a.write(2)
+                djstm.or_else(lambda: (b.write(2), djstm.retry()), lambda: None)
+
+            djstm.atomically(only_a)
+            djstm.atomically(a.read)  # nothing written: nothing sent
+        finally:
+            dvar_changed.disconnect(receiver)
+    assert seen == [("default", [("a", 1), ("b", 1)]), ("default", [("a", 2)])]
