@@ -83,6 +83,8 @@ class DurableStore(StoreBase):
 
     # -- durability and life cycle --------------------------------------------
 
+    changed_signal = dvar_changed  # here, not imported by DVar: a plain `import djstm` imports no Django
+
     def announce_commit(self, tx: Any) -> None:
         """After a commit that wrote this store's DVars: send ``djstm.signals.dvar_changed``."""
         changes = [(dvar.key, dvar.row_version) for dvar in tx.writes if dvar._store is self]

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..codecs import Codec
 from ..errors import DVarTypeError, NoTransaction
 from ..names import Name
-from ..signals import dvar_changed
 from ..stm._context import current
 from ..stm.tvar import TVar
 
@@ -64,7 +63,7 @@ class DVar(TVar[T]):
         store = self._store
         if store not in tx.stores:
             tx.stores[store] = None  # enlist: the store takes part in the commit, or refuses it if closed
-            if dvar_changed.receivers:
+            if store.changed_signal.receivers:  # someone listens to djstm.signals.dvar_changed
                 tx.announce(store, store.announce_commit)
 
     def _encode(self, value: Any) -> tuple[Any, str]:
