@@ -24,4 +24,8 @@ CHANNEL_LAYERS = {
     }
 }
 BOARD_STORE = {"database": "default", "mode": "distributed", "name": "board"}
-DJSTM = {"ADMIN_DATABASE": "default", "CAN_READ": "demo_site.board.state.may_read"}
+DJSTM = {
+    "ADMIN_DATABASE": "default",
+    "CAN_READ": "demo_site.board.state.may_read",
+    "DISTRIBUTED_DATABASES": ["default"],
+}

@@ -58,12 +58,36 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             checks.Error(f"settings.DJSTM['ADMIN_DATABASE'] is {merged['ADMIN_DATABASE']!r}, not a database alias",
                          hint=f"use one of {', '.join(settings.DATABASES)}", id="djstm.E006")
         )
-    problems.extend(_check_channel_layer(merged["CHANNEL_LAYER"]))
+    distributed = merged["DISTRIBUTED_DATABASES"]
+    problems.extend(_check_distributed_databases(distributed))
+    problems.extend(_check_channel_layer(merged["CHANNEL_LAYER"], distributed))
     return problems
 
 
-def _check_channel_layer(alias: str) -> list[checks.CheckMessage]:
-    if not any(db.get("ENGINE", "").endswith("postgresql") for db in settings.DATABASES.values()):
+def _check_distributed_databases(aliases: Any) -> list[checks.CheckMessage]:
+    if not isinstance(aliases, (list, tuple)):
+        return [checks.Error("settings.DJSTM['DISTRIBUTED_DATABASES'] must be a list of database aliases",
+                             id="djstm.E007")]
+    problems = []
+    for alias in aliases:
+        database = settings.DATABASES.get(alias)
+        if database is None:
+            problems.append(checks.Error(f"DJSTM['DISTRIBUTED_DATABASES'] names {alias!r}, which is not in "
+                                         "settings.DATABASES", hint="add it there, or remove it", id="djstm.E007"))
+        elif not database.get("ENGINE", "").endswith("postgresql"):
+            problems.append(checks.Error(
+                f"database {alias!r} cannot serve distributed stores: its ENGINE is {database.get('ENGINE')}",
+                hint="distributed stores need django.db.backends.postgresql", id="djstm.E008"))
+        elif database.get("OPTIONS", {}).get("server_side_binding") is True:
+            problems.append(checks.Error(
+                f"database {alias!r} cannot serve distributed stores with OPTIONS['server_side_binding']",
+                hint="remove server_side_binding: djstm sends a lock and its statement in one round trip",
+                id="djstm.E008"))
+    return problems
+
+
+def _check_channel_layer(alias: str, distributed: Any) -> list[checks.CheckMessage]:
+    if not distributed and not any(db.get("ENGINE", "").endswith("postgresql") for db in settings.DATABASES.values()):
         return []  # no database a distributed store could use: notifications do not matter
     layers = getattr(settings, "CHANNEL_LAYERS", {}) or {}
     if alias not in layers:

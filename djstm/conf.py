@@ -23,6 +23,9 @@ DEFAULTS: dict[str, Any] = {
     "ADMIN_DATABASE": "default",
     # Who may follow which DVar over a websocket: a callable (user, store, name) -> bool, or its dotted path.
     "CAN_READ": "djstm.consumers.staff_may_read",
+    # The database aliases distributed stores use, so `manage.py check` can verify them before any store
+    # opens (optional; with_store checks each database as it opens a store anyway).
+    "DISTRIBUTED_DATABASES": [],
 }
 
 

@@ -31,6 +31,8 @@ def test_the_test_settings_pass():
         ({"DATABASE_RETRIES": -1}, "djstm.E005"),
         (["LOCK", "auto"], "djstm.E001"),
         ({"ADMIN_DATABASE": "nope"}, "djstm.E006"),
+        ({"DISTRIBUTED_DATABASES": "default"}, "djstm.E007"),
+        ({"DISTRIBUTED_DATABASES": ["nope"]}, "djstm.E007"),
     ],
 )
 def test_bad_settings_are_reported_with_their_id(djstm, expected):
@@ -56,3 +58,11 @@ def test_manage_py_check_runs_them():
 
     with override_settings(DJSTM={"LOCK": "eager"}), pytest.raises(CommandError, match="djstm.E003"):
         call_command("check", stdout=StringIO(), stderr=StringIO())
+
+
+def test_a_distributed_store_on_a_database_that_cannot_serve_it_is_an_error():
+    sqlite = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": "x"}}
+    assert ids(DJSTM={"DISTRIBUTED_DATABASES": ["default"]}, DATABASES=sqlite, CHANNEL_LAYERS=REDIS) == ["djstm.E008"]
+    bound = {"default": {**PG["default"], "OPTIONS": {"server_side_binding": True}}}
+    assert ids(DJSTM={"DISTRIBUTED_DATABASES": ["default"]}, DATABASES=bound, CHANNEL_LAYERS=REDIS) == ["djstm.E008"]
+    assert ids(DJSTM={"DISTRIBUTED_DATABASES": ["default"]}, DATABASES=PG, CHANNEL_LAYERS=REDIS) == []
