@@ -42,7 +42,9 @@ def _can_read() -> Any:
 class DVarConsumer(AsyncJsonWebsocketConsumer):
     """Sends the values of the DVars a page subscribes to, and each committed change, as JSON."""
 
-    channel_layer_alias = djstm_setting("CHANNEL_LAYER")
+    @property
+    def channel_layer_alias(self) -> str:  # read when a socket connects, so settings may change
+        return djstm_setting("CHANNEL_LAYER")
 
     async def connect(self) -> None:
         self.database = djstm_setting("ADMIN_DATABASE")

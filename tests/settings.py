@@ -75,6 +75,11 @@ CHANNEL_LAYERS = {
         "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
         "CONFIG": {"hosts": [os.environ.get("DJSTM_REDIS_URL", "redis://127.0.0.1:6379/0")]},
     },
+    # channels-redis's default layer, whose group memberships expire: here after 2 s.
+    "djstm-core": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [os.environ.get("DJSTM_REDIS_URL", "redis://127.0.0.1:6379/0")], "group_expiry": 2},
+    },
 }
 DJSTM = {"CHANNEL_LAYER": "djstm"}
 BOARD_STORE_PATH = os.path.join(_scratch, "board.sqlite3")

@@ -33,6 +33,7 @@ class DemoServer:
 
     def __init__(self, var_dir, databases=("default", "board"), **extra_env):
         self.port = _free_port()
+        self.var_dir = var_dir
         env = {**os.environ, "DJSTM_DEMO_VAR": str(var_dir), "PYTHONPATH": str(PROJECT), **extra_env}
         if "DJANGO_SETTINGS_MODULE" not in extra_env:
             env.pop("DJANGO_SETTINGS_MODULE", None)
@@ -40,11 +41,20 @@ class DemoServer:
             subprocess.run([sys.executable, "manage.py", "migrate", "--database", database, "--noinput"],
                            cwd=PROJECT, env=env, check=True, capture_output=True, timeout=120)
         self.env = env
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        self._serve()
+
+    def restart(self):
+        """Stop the server and start it again on the same port and files."""
+        self.stop()
+        self._serve()
+
+    def _serve(self):
+        env = self.env
         self.process = subprocess.Popen(
             [sys.executable, "manage.py", "runserver", f"127.0.0.1:{self.port}", "--noreload"],
             cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
         deadline = time.monotonic() + 30
         while True:
             try:

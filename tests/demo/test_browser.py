@@ -190,3 +190,55 @@ def test_a_change_saved_on_one_worker_appears_on_a_page_of_the_other_within_2_se
         expect(other.locator("#clicks")).to_have_text("1", timeout=2000)
     finally:
         admin.close()
+
+
+def test_a_form_rendered_by_one_worker_saves_on_the_other_when_nothing_changed(two_workers):
+    """The admin's conflict check uses the stored version only: no state of the worker that drew the form."""
+    import re
+    import urllib.parse
+    import urllib.request
+
+    first, second = two_workers
+    opener = first.opener  # one cookie jar for both workers: the session lives in the shared database
+
+    def fetch(worker, path, fields=None):
+        data = None
+        if fields is not None:
+            data = urllib.parse.urlencode({**fields, "csrfmiddlewaretoken": first._csrf()}).encode()
+        request = urllib.request.Request(url(worker, path), data=data, headers={"Referer": url(worker, path)})
+        with opener.open(request, timeout=10) as response:
+            return response.geturl(), response.read().decode()
+
+    fetch(first, "/admin/login/")
+    fetch(first, "/admin/login/", {"username": "staff", "password": "staff-password", "next": "/admin/"})
+    _, listing = fetch(first, "/admin/djstm/dvarrecord/?q=note_limit")
+    change = re.search(r'href="(/admin/djstm/dvarrecord/\d+/change/)[^"]*">note_limit<', listing).group(1)
+    _, form = fetch(first, change)
+    loaded = re.search(r'name="loaded_version" value="(\d+)"', form).group(1)
+    landed, page = fetch(second, change, {"value": "12", "loaded_version": loaded, "_save": "Save"})
+    assert landed.endswith("/admin/djstm/dvarrecord/"), page[:2000]  # saved: back to the list
+    _, shown = fetch(first, change)
+    assert re.search(r'<pre>12</pre>', shown)
+
+
+def test_the_live_script_fires_an_event_per_change_and_reconnects_after_a_restart(browser, tmp_path):
+    from playwright.sync_api import expect
+
+    server = DemoServer(tmp_path)
+    create_staff(server)
+    try:
+        page, _ = visitor_page(browser, server)
+        page.evaluate("window.changes = []; document.addEventListener('djstm:change', e => changes.push(e.detail))")
+        admin = logged_in(browser, server)
+        save_value(open_banner_in_admin(admin, server), '"Before the restart"')
+        expect(page.locator("#banner")).to_have_text("Before the restart", timeout=2000)
+        detail = page.evaluate("changes[changes.length - 1]")
+        assert (detail["store"], detail["name"], detail["value"]) == ("board", "banner", "Before the restart")
+        server.restart()
+        admin.close()
+        admin = logged_in(browser, server)
+        save_value(open_banner_in_admin(admin, server), '"After the restart"')
+        expect(page.locator("#banner")).to_have_text("After the restart", timeout=10_000)  # it reconnected
+        admin.close()
+    finally:
+        server.stop()

@@ -95,3 +95,27 @@ def test_a_refused_subscription_gets_an_error_not_silence(open_store, store_name
         await page.disconnect()
 
     run(main())
+
+
+def test_a_page_connected_longer_than_the_group_expiry_keeps_receiving(store_name):
+    """channels-redis's core layer forgets group members after group_expiry (2 s here); the consumer
+    joins again as it goes, so a page open for longer still gets changes through the layer."""
+    settings = {"CHANNEL_LAYER": "djstm-core", "POLL_INTERVAL": 1.0}
+    with override_settings(DJSTM={**LIVE, **settings}):
+        store = djstm.with_store(database=ALIAS, mode="distributed", name=store_name)
+    try:
+        price = store.dvar("price", 1)
+
+        async def main():
+            page = await connected(STAFF)
+            await page.send_json_to({"subscribe": [{"store": store_name, "name": "price"}]})
+            assert (await page.receive_json_from(5))["version"] == 0
+            await asyncio.sleep(3.5)  # past the group expiry
+            for version in (1, 2):
+                await sync_to_async(djstm.atomically)(lambda: price.write(price.read() + 1))
+                assert (await page.receive_json_from(5))["version"] == version
+            await page.disconnect()
+
+        run(main(), **settings)
+    finally:
+        store.close()
