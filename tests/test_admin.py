@@ -4,7 +4,7 @@ import re
 import uuid
 
 import pytest
-from django.contrib.admin.models import LogEntry
+from django.contrib.admin.models import ADDITION, DELETION, LogEntry
 from django.test.utils import override_settings
 
 import djstm
@@ -126,6 +126,8 @@ def test_adding_and_deleting_a_dvar(admin_client, shop):
     deleted = admin_client.post(f"/admin/djstm/dvarrecord/{pk}/delete/", {"post": "yes"})
     assert deleted.status_code == 302
     assert stored(shop.name, "tags") is None
+    history = LogEntry.objects.filter(object_id=str(pk)).order_by("action_time")
+    assert [entry.action_flag for entry in history] == [ADDITION, DELETION]
 
 
 def test_permissions_are_honoured(client, shop):
