@@ -120,7 +120,9 @@ class DVarConsumer(AsyncJsonWebsocketConsumer):
             for prefix in prefixes:
                 wanted |= Q(store=store, name__startswith=prefix)
         records = DVarRecord.objects.using(self.database).filter(wanted)
-        return list(records.values_list("store", "name", "version", "value"))
+        may_read, user = _can_read(), self.scope.get("user")
+        # Checked per row too: a prefix the rule allows must not reveal a DVar it does not.
+        return [row for row in records.values_list("store", "name", "version", "value") if may_read(user, *row[:2])]
 
     async def _resync_forever(self) -> None:
         # Channel layers deliver at most once (and the core layer's groups expire): re-read, re-join.

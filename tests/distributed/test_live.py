@@ -119,3 +119,21 @@ def test_a_page_connected_longer_than_the_group_expiry_keeps_receiving(store_nam
         run(main(), **settings)
     finally:
         store.close()
+
+
+def test_a_prefix_reveals_only_the_dvars_the_rule_allows(open_store, store_name):
+    store = open_store()
+    store.dvar("public-price", 1)
+    store.dvar("public-secret", 2)
+
+    def rule(user, store, name):
+        return name in ("public-", "public-price")
+
+    async def main():
+        page = await connected(AnonymousUser())
+        await page.send_json_to({"subscribe": [{"store": store_name, "prefix": "public-"}]})
+        assert (await page.receive_json_from(5))["name"] == "public-price"
+        assert await page.receive_nothing(0.7)  # public-secret matched the prefix, but the rule refuses it
+        await page.disconnect()
+
+    run(main(), CAN_READ=rule)
