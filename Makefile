@@ -24,7 +24,6 @@ demo-distributed: $(INSTALLED)
 	psql -h 127.0.0.1 -U postgres -d djstm_demo -c "SELECT 1" >/dev/null 2>&1 || createdb -h 127.0.0.1 -U postgres djstm_demo
 	DJANGO_SETTINGS_MODULE=demo_site.settings_distributed $(BIN)/python manage.py migrate --noinput
 	@echo "two workers: http://127.0.0.1:8001/ and http://127.0.0.1:8002/ (Ctrl-C stops both)"
-	trap 'kill 0' INT TERM EXIT; \
 	DJANGO_SETTINGS_MODULE=demo_site.settings_distributed $(BIN)/python manage.py runserver 127.0.0.1:8001 --noreload & \
 	DJANGO_SETTINGS_MODULE=demo_site.settings_distributed $(BIN)/python manage.py runserver 127.0.0.1:8002 --noreload & \
 	wait

@@ -105,6 +105,13 @@ class DVarForm(forms.ModelForm):
             self._check_version(cleaned.get("loaded_version"))
         return cleaned
 
+    def _post_clean(self) -> None:
+        super()._post_clean()
+        if self.errors and self.instance.pk:
+            # The page shows the stored value beside the errors, not the one that was refused.
+            stored = DVarRecord.objects.using(_database()).get(pk=self.instance.pk)
+            self.instance.value, self.instance.version = stored.value, stored.version
+
     def _check_version(self, loaded: int | None) -> None:
         current = DVarRecord.objects.using(_database()).get(pk=self.instance.pk)
         if loaded is not None and current.version != loaded:

@@ -185,3 +185,12 @@ def test_several_dvars_edited_together_save_none_if_one_changed_meanwhile(admin_
     text = response.content.decode()
     assert response.status_code == 200 and "DVar &#x27;stock&#x27; was changed by someone else" in text
     assert (stored(shop.name, "price"), stored(shop.name, "stock")) == (("12", 0), ("3", 1))
+
+
+def test_a_conflict_page_shows_the_stored_value_not_the_refused_one(admin_client, shop):
+    url = change_url(shop, "price")
+    version = loaded_version(admin_client.get(url).content.decode())
+    price = shop.dvar("price")
+    djstm.atomically(lambda: price.write(20))
+    page = admin_client.post(url, {"value": "99", "loaded_version": version}).content.decode()
+    assert re.search(r"<pre>20</pre>", page) and "<pre>99</pre>" not in page

@@ -179,3 +179,14 @@ def test_set_and_get_on_a_durable_store(tmp_path):
         del connections.settings[alias]
     with djstm.with_store(path, name="site") as store:
         assert store.dvar("theme").peek() == "dark"
+
+
+def test_import_refuses_a_value_that_does_not_fit_its_type(shop, tmp_path):
+    exported = tmp_path / "shop.jsonl"
+    run("export", "--database", ALIAS, "--store", shop.name, str(exported))
+    bad = exported.read_text().replace('"value": "12"', '"value": "\\"twelve\\""')
+    assert bad != exported.read_text()
+    exported.write_text(bad)
+    with pytest.raises(CommandError, match="nothing was imported"):
+        run("import", "--database", ALIAS, str(exported))
+    assert stored(shop.name, "price") == ("12", 0)

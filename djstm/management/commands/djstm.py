@@ -198,7 +198,10 @@ class Command(BaseCommand):
                         if missing or not isinstance(row["version"], int) or not isinstance(row["value"], str):
                             raise ValueError(f"expected the fields {', '.join(_EXPORT_FIELDS)} of an export")
                         json.loads(row["value"])
-                    except ValueError as error:
+                        codec = codec_from_tag(row["type"])
+                        if codec is not None:  # a class of the application's cannot be checked here
+                            codec.loads(row["value"])
+                    except (ValueError, DVarDecodeError) as error:
                         raise CommandError(f"{file}, line {number}: {error}; nothing was imported") from None
                     rows.append(row)
         except OSError as error:
