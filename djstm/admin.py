@@ -165,16 +165,23 @@ class DVarAdmin(admin.ModelAdmin):
             store.release()
 
     def _save_change(self, store: Any, obj: DVarRecord, form: DVarForm) -> None:
-        dvar = store.dvar(parse_name(obj.name))
         loaded = form.cleaned_data["loaded_version"]
 
         def save() -> None:
+            dvar = store.dvar(parse_name(obj.name))
             dvar.read()
             if _version_seen(dvar) != loaded:
                 raise _EditConflict(_version_seen(dvar))
             dvar.write(form.decoded)
 
-        djstm.atomically(save)
+        try:
+            djstm.atomically(save)
+        except DVarDecodeError:
+            # The stored value does not decode, so no store can load it: replace the row itself (the new
+            # value was checked against the type by the form).
+            text = codec_from_tag(obj.type_tag).dumps(form.decoded)
+            if not obj.overwrite(text, using=_database(), expected_version=loaded):
+                raise _EditConflict(-1, obj.name, loaded) from None
 
     def changeform_view(self, request: Any, object_id: str | None = None, form_url: str = "",
                         extra_context: Any = None) -> Any:

@@ -26,3 +26,17 @@ class DVarRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.store}:{self.name}"
+
+    def overwrite(self, value: str, *, using: str, expected_version: int | None = None) -> bool:
+        """Store ``value`` (already checked against the type) as this row's next version, past the stores.
+
+        For djstm's tools: importing, and repairing a row that does not decode (which no store can load).
+        With ``expected_version``, only if the row still has it. Returns whether the row was written.
+        Processes caching the row see the new version at their next commit check.
+        """
+        from django.utils import timezone
+
+        rows = DVarRecord.objects.using(using).filter(pk=self.pk)
+        if expected_version is not None:
+            rows = rows.filter(version=expected_version)
+        return bool(rows.update(value=value, version=models.F("version") + 1, updated_at=timezone.now()))

@@ -194,3 +194,13 @@ def test_a_conflict_page_shows_the_stored_value_not_the_refused_one(admin_client
     djstm.atomically(lambda: price.write(20))
     page = admin_client.post(url, {"value": "99", "loaded_version": version}).content.decode()
     assert re.search(r"<pre>20</pre>", page) and "<pre>99</pre>" not in page
+
+
+def test_a_row_that_does_not_decode_can_be_repaired_in_the_admin(admin_client, shop):
+    from tests.distributed.conftest import bump_by_hand
+
+    bump_by_hand(shop.name, "price", '"broken"')
+    url = change_url(shop, "price")
+    version = loaded_version(admin_client.get(url).content.decode())
+    assert admin_client.post(url, {"value": "30", "loaded_version": version}).status_code == 302
+    assert stored(shop.name, "price") == ("30", 2)

@@ -190,3 +190,11 @@ def test_import_refuses_a_value_that_does_not_fit_its_type(shop, tmp_path):
     with pytest.raises(CommandError, match="nothing was imported"):
         run("import", "--database", ALIAS, str(exported))
     assert stored(shop.name, "price") == ("12", 0)
+
+
+def test_set_repairs_a_row_that_does_not_decode(shop):
+    bump_by_hand(shop.name, "price", '"not a number"')
+    out = run("set", "--database", ALIAS, "--store", shop.name, "price", "21")
+    assert "did not decode; replaced" in out
+    assert stored(shop.name, "price") == ("21", 2)
+    assert djstm.atomically(shop.dvar("price").read) == 21

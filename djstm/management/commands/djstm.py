@@ -133,15 +133,23 @@ class Command(BaseCommand):
         except ValueError as error:
             raise CommandError(f"the value is not valid JSON ({error}): {value_json!r}") from None
         with self._open(database, store) as opened:
+            record = self._record(database, store, name)
+            codec = codec_from_tag(record.type_tag)
+            if codec is not None and not _decodes(codec, record.value):
+                # No store can load this row: check the new value, then replace the row itself.
+                record.overwrite(codec.dumps(self._decode_argument(codec, value_json, name)), using=database)
+                self.stdout.write(f"{store}:{name} = {value_json} (the stored value did not decode; replaced)")
+                return
             dvar = self._dvar(opened, database, store, name)
-            try:
-                value = dvar.codec.loads(value_json)
-            except DVarDecodeError as error:
-                raise CommandError(
-                    f"{value_json!r} is not a value of DVar {name!r}'s type {dvar.type_tag}: {error}"
-                ) from None
+            value = self._decode_argument(dvar.codec, value_json, name)
             djstm.atomically(dvar.write, value)
         self.stdout.write(f"{store}:{name} = {value_json}")
+
+    def _decode_argument(self, codec: Any, value_json: str, name: str) -> Any:
+        try:
+            return codec.loads(value_json)
+        except DVarDecodeError as error:
+            raise CommandError(f"{value_json!r} is not a value of DVar {name!r}'s type {codec.tag}: {error}") from None
 
     def _watch(self, database: str, store: str, names: list[str], **_: Any) -> None:
         with self._open(database, store) as opened:
@@ -221,8 +229,17 @@ class Command(BaseCommand):
                 "nothing was imported"
             )
         # A write like any other: the version moves on, so caches in running processes see the change.
-        records.filter(pk=existing.pk).update(value=row["value"], version=max(existing.version + 1, row["version"]),
-                                              updated_at=_now())
+        existing.overwrite(row["value"], using=database)
+        if row["version"] > existing.version + 1:
+            records.filter(pk=existing.pk).update(version=row["version"])
+
+
+def _decodes(codec: Any, text: str) -> bool:
+    try:
+        codec.loads(text)
+    except DVarDecodeError:
+        return False
+    return True
 
 
 def _short(text: str, width: int = 60) -> str:
