@@ -240,7 +240,7 @@ class Transaction:
                     raise _Conflict
             if stores:
                 self._refuse_closed_stores()
-            # _install, written out for the same reason.
+            # Installing, written out for the same reason (_install_with_remote does it for remote stores).
             new_version = clock[0] + 1
             woken: dict[Any, None] | None = None
             for tvar, value in writes.items():
@@ -295,8 +295,8 @@ class Transaction:
                     "was committed; open the store again (djstm.with_store) and use its DVars"
                 )
 
-    def _install(self, remote: Any) -> tuple[list[tuple[Any, Any]], dict[Any, None] | None]:
-        """Install the writes, hand them to the stores, publish the clock. Commit lock held.
+    def _install_with_remote(self, remote: Any) -> tuple[list[tuple[Any, Any]], dict[Any, None] | None]:
+        """Install the writes of a remote-store transaction (see ``commit`` for the local one). Commit lock held.
 
         Writes to ``remote``'s variables are left to ``remote.install``, which
         knows their database versions. Returns the durability receipts and
@@ -306,21 +306,20 @@ class Transaction:
         stores = self.stores
         new_version = clock[0] + 1
         woken: dict[Any, None] | None = None
-        remote_store = None if remote is None else remote.store
+        remote_store = remote.store
         for tvar, value in writes.items():
-            if tvar._store is remote_store and remote is not None:
+            if tvar._store is remote_store:
                 continue
             tvar._state = (new_version, value)
             if tvar._waiters:
                 if woken is None:
                     woken = {}
                 woken.update(tvar._waiters)
-        if remote is not None:
-            for tvar in remote.install(new_version):
-                if tvar._waiters:
-                    if woken is None:
-                        woken = {}
-                    woken.update(tvar._waiters)
+        for tvar in remote.install(new_version):
+            if tvar._waiters:
+                if woken is None:
+                    woken = {}
+                woken.update(tvar._waiters)
         receipts = []
         if stores:
             if self.durable:
@@ -363,7 +362,7 @@ class Transaction:
             if not remote.commit(self):
                 return []
             with commit_lock:
-                receipts, woken = self._install(remote)
+                receipts, woken = self._install_with_remote(remote)
         else:
             with commit_lock:
                 self._check_reads()
@@ -371,7 +370,7 @@ class Transaction:
                     self._refuse_closed_stores()
                 if not remote.commit(self):
                     return []
-                receipts, woken = self._install(remote)
+                receipts, woken = self._install_with_remote(remote)
         if woken:
             for waiter in woken:
                 waiter.wake()
