@@ -7,14 +7,18 @@ import os
 
 import pytest
 
-__all__ = ["require_redis", "require_postgres"]
+__all__ = ["require_redis", "require_postgres", "unavailable"]
 
 
-def _missing(what: str, error: BaseException, how: str) -> None:
-    message = f"{what} is unreachable ({error}); start it with: {how}"
+def unavailable(message: str) -> None:
+    """Skip the test with ``message``, or fail it under ``DJSTM_REQUIRE_SERVICES=1``."""
     if os.environ.get("DJSTM_REQUIRE_SERVICES") == "1":
         pytest.fail(message + " (DJSTM_REQUIRE_SERVICES=1 forbids skipping)", pytrace=False)
     pytest.skip(message)
+
+
+def _missing(what: str, error: BaseException, how: str) -> None:
+    unavailable(f"{what} is unreachable ({error}); start it with: {how}")
 
 
 def require_redis() -> str:

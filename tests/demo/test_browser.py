@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.demo.test_board import PROJECT, DemoServer
+from tests.services import unavailable
 
 CHROMIUM = "/usr/bin/chromium"
 # What this machine's closed network needs: no background connections, no sandbox as root.
@@ -17,22 +18,16 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _missing(reason):
-    if os.environ.get("DJSTM_REQUIRE_SERVICES") == "1":
-        pytest.fail(reason + " (DJSTM_REQUIRE_SERVICES=1 forbids skipping)", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser():
     if not os.path.exists(CHROMIUM) and shutil.which("apt-get") and os.geteuid() == 0:
         subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=900)
     if not os.path.exists(CHROMIUM):
-        _missing(f"no chromium at {CHROMIUM}; install Debian's package: apt-get install chromium")
+        unavailable(f"no chromium at {CHROMIUM}; install Debian's package: apt-get install chromium")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _missing("the playwright package is missing; pip install -e '.[test]'")
+        unavailable("the playwright package is missing; pip install -e '.[test]'")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
