@@ -44,3 +44,26 @@ def run_threads(targets, timeout=30.0):
         pytest.fail(f"{len(alive)} threads still running after {timeout}s")
     if errors:
         raise errors[0]
+
+
+#: The tests' PostgreSQL alias (tests/settings.py), used by distributed stores.
+DISTRIBUTED_ALIAS = "distributed"
+
+
+@pytest.fixture
+def direct_database_access(django_db_blocker):
+    """The project's databases used as a program uses them: no test database, no wrapping transaction."""
+    with django_db_blocker.unblock():
+        yield
+
+
+@pytest.fixture(scope="session")
+def distributed_schema(django_db_blocker):
+    """The djstm table in the tests' PostgreSQL database; a skip (or, in CI, a failure) without PostgreSQL."""
+    from django.core.management import call_command
+
+    from tests.services import require_postgres
+
+    require_postgres()
+    with django_db_blocker.unblock():
+        call_command("migrate", "djstm", database=DISTRIBUTED_ALIAS, verbosity=0)

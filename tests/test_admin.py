@@ -12,26 +12,20 @@ from djstm.models import DVarRecord
 from tests.distributed.conftest import ALIAS, stored
 
 @pytest.fixture(scope="module")
-def _project_database(django_db_blocker):
+def _project_database(distributed_schema, django_db_blocker):
     """The project's own databases, as a running site has them: no test database, no wrapping transaction.
 
     (The default database is a scratch file of this test run; see tests/settings.py.)
     """
     from django.core.management import call_command
 
-    from tests.services import require_postgres
-
-    require_postgres()
     with django_db_blocker.unblock():
         call_command("migrate", verbosity=0)
-        call_command("migrate", "djstm", database=ALIAS, verbosity=0)
-        yield
 
 
 @pytest.fixture(autouse=True)
-def _database_allowed(_project_database, django_db_blocker):
-    with django_db_blocker.unblock():
-        yield
+def _database_allowed(_project_database, direct_database_access):
+    """Every test here reaches the databases directly."""
 
 
 @pytest.fixture

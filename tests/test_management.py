@@ -16,18 +16,12 @@ import djstm
 from tests.distributed.conftest import ALIAS, bump_by_hand, stored
 
 PROJECT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("_database_allowed")
+# The command works on the databases directly, as it does in a project; no test database.
+pytestmark = pytest.mark.usefixtures("direct_database_access")
 
 
 @pytest.fixture
-def _database_allowed(django_db_blocker):
-    """The command works on the databases directly, as it does in a project; no test database."""
-    with django_db_blocker.unblock():
-        yield
-
-
-@pytest.fixture
-def shop(_distributed_schema_ready):
+def shop(distributed_schema):
     """A distributed store with a few DVars, closed after the test."""
     name = f"cmd-{uuid.uuid4().hex[:10]}"
     store = djstm.with_store(database=ALIAS, mode="distributed", name=name)
@@ -36,15 +30,6 @@ def shop(_distributed_schema_ready):
     store.dvar("title", "Shop")
     yield store
     store.close()
-
-
-@pytest.fixture
-def _distributed_schema_ready(django_db_blocker):
-    from tests.services import require_postgres
-
-    require_postgres()
-    with django_db_blocker.unblock():
-        call_command("migrate", "djstm", database=ALIAS, verbosity=0)
 
 
 def run(*args):

@@ -3,28 +3,17 @@
 import uuid
 
 import pytest
-from django.core.management import call_command
 from django.db import connections
 
 import djstm
-from tests.services import require_postgres
-
-ALIAS = "distributed"
-
-
-@pytest.fixture(scope="session")
-def _distributed_schema(django_db_blocker):
-    require_postgres()
-    with django_db_blocker.unblock():
-        call_command("migrate", "djstm", database=ALIAS, verbosity=0)
+from tests.conftest import DISTRIBUTED_ALIAS as ALIAS
 
 
 @pytest.fixture(autouse=True)
-def _database_allowed(_distributed_schema, django_db_blocker):
-    """These tests use the database as a program would: no test database, stores with names of their own."""
-    with django_db_blocker.unblock():
-        yield
-        connections[ALIAS].close()
+def _database_allowed(distributed_schema, direct_database_access):
+    """These tests use the database as a program would, with stores of names of their own."""
+    yield
+    connections[ALIAS].close()
 
 
 @pytest.fixture

@@ -9,10 +9,8 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
-def _databases_allowed(django_db_blocker):
+def _databases_allowed(direct_database_access):
     """Store tests open their own SQLite files, as a program would; no test database is involved."""
-    with django_db_blocker.unblock():
-        yield
 
 
 @pytest.fixture
